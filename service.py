@@ -1,0 +1,287 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#   "fastapi==0.165.0",
+#   "uvicorn==0.54.0",
+#   "uvloop==0.23.0; sys_platform != 'win32'",
+#   "httptools==0.9.0",
+#   "pydantic==2.14.4",
+#   "pydantic-settings==2.16.3",
+#   "structlog==26.1.0",
+#   "prometheus-client==0.26.0",
+# ]
+# ///
+"""math-service: adds two numbers after a simulated long-running operation."""
+
+import asyncio
+import logging
+import math
+import sys
+import time
+from typing import Annotated, Any, Literal
+
+import structlog
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+# --- Settings ---------------------------------------------------------------------------------
+
+
+class Settings(BaseSettings):
+    """Read from the environment (PORT, LOGLEVEL, ...) and validated once, at start."""
+
+    port: int = Field(8000, ge=1, le=65535)
+    loglevel: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    delay_seconds: float = Field(5.0, ge=0, allow_inf_nan=False)
+    # 1 MiB is far more than {"a": ..., "b": ...} ever needs, and small enough that a flood of
+    # large bodies cannot exhaust the pod's memory.
+    max_body_bytes: int = Field(1024 * 1024, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upper_loglevel(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("loglevel"), str):
+            data["loglevel"] = data["loglevel"].upper()
+        return data
+
+
+# --- Logging ----------------------------------------------------------------------------------
+
+# One JSON object per line, for our own events and for everything the standard library logs
+# (uvicorn's start-up and shutdown, asyncio), so a log pipeline never sees a plain-text line.
+_shared = [
+    structlog.stdlib.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+_render = [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=_shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *_render],
+        )
+    )
+    logging.basicConfig(handlers=[handler], level=level, force=True)
+    # Our own events skip the stdlib machinery: the access log runs on every request.
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, *_shared, *_render],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+logger = structlog.get_logger("math_service")
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        configure_logging("INFO")
+        logger.error(
+            "invalid setting",
+            variables=[str(e["loc"][0]).upper() for e in exc.errors()],
+            errors=[f"{str(e['loc'][0]).upper()}: {e['msg']} (got {e['input']!r})" for e in exc.errors()],
+        )
+        raise SystemExit(2) from None
+
+
+settings = load_settings()
+configure_logging(settings.loglevel)
+
+
+# --- Metrics and access log -------------------------------------------------------------------
+
+REQUESTS = Counter("http_requests_total", "HTTP requests answered.", ["method", "route", "status"])
+LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "Time from request to the end of the response.",
+    ["method", "route"],
+    # Around the simulated 5 s operation, where the interesting tail is.
+    buckets=(0.005, 0.05, 0.25, 1, 2.5, 5, 5.1, 5.25, 5.5, 6, 7.5, 10, 30),
+)
+IN_FLIGHT = Gauge("http_requests_in_flight", "HTTP requests being handled now.")
+
+
+class AccessLog:
+    """Pure ASGI middleware: one access-log line and the request metrics for every request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            IN_FLIGHT.dec()
+            duration = time.perf_counter() - start
+            # The route template, never the raw path, keeps metric labels bounded.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            REQUESTS.labels(scope["method"], route, status).inc()
+            LATENCY.labels(scope["method"], route).observe(duration)
+            logger.info(
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round(duration * 1000, 3),
+                client=scope["client"][0] if scope.get("client") else None,
+            )
+
+
+# --- App --------------------------------------------------------------------------------------
+
+
+FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class AddRequest(BaseModel):
+    # Strict: "10" and true are mistakes, not numbers. NaN, Infinity and 1e999 are refused.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"a": 10, "b": 5}]})
+    a: FiniteNumber
+    b: FiniteNumber
+
+    @model_validator(mode="after")
+    def _finite_sum(self) -> "AddRequest":
+        if not math.isfinite(self.a + self.b):
+            raise ValueError("the sum of a and b is too large to represent")
+        return self
+
+
+class AddResponse(BaseModel):
+    result: float
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+class JSONTooLarge:
+    """Turn the body limit's plain-text 413 into the JSON every other error of this API uses."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        replacing = False
+
+        async def send_json(message: Message) -> None:
+            nonlocal replacing
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                replacing = True
+            elif not replacing:
+                await send(message)
+            elif not message.get("more_body"):
+                detail = f"Request body is larger than MAX_BODY_BYTES ({settings.max_body_bytes} bytes)"
+                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+        await self.app(scope, receive, send_json)
+
+
+class App(FastAPI):
+    def build_middleware_stack(self) -> ASGIApp:
+        # FastAPI's body limit sits outside every user middleware and answers 413 in plain text.
+        return JSONTooLarge(super().build_middleware_stack())
+
+
+app = App(
+    title="Simple Math API",
+    description="A simple API to perform basic arithmetic operations",
+    version="1.0.0",
+    max_body_size=settings.max_body_bytes,
+)
+app.state.ready = True
+app.add_middleware(AccessLog)
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # The default handler echoes the input back; NaN or Infinity there is not valid JSON, and
+    # would turn a client error into a 500. Echo it as text instead.
+    errors = [
+        {**e, "input": repr(e["input"])} if isinstance(e.get("input"), float) else e
+        for e in exc.errors()
+    ]
+    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
+
+
+@app.get("/healthz")
+async def health_check() -> dict[str, str]:
+    """Liveness: the process answers. Never delayed."""
+    return {"status": "ok"}
+
+
+@app.get("/readyz", responses={503: {"description": "Shutting down"}})
+async def ready_check(response: Response) -> dict[str, str]:
+    """Readiness: 200 while serving, 503 once shutdown has begun."""
+    if not app.state.ready:
+        response.status_code = 503
+        return {"status": "shutting down"}
+    return {"status": "ready"}
+
+
+@app.get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@app.post(
+    "/",
+    responses={
+        413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
+    },
+)
+async def add_numbers(request: AddRequest) -> AddResponse:
+    """Add a and b after DELAY_SECONDS of simulated work."""
+    result = request.a + request.b
+    await asyncio.sleep(settings.delay_seconds)  # simulate a longish-running operation
+    return AddResponse(result=result)
+
+
+# --- Entry point ------------------------------------------------------------------------------
+
+
+class Server(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # SIGTERM: fail readiness at once; uvicorn then stops accepting and lets every
+        # in-flight request finish (no graceful-shutdown timeout: the pod's grace period rules).
+        app.state.ready = False
+        super().handle_exit(sig, frame)
+
+
+if __name__ == "__main__":
+    config = uvicorn.Config(
+        app,
+        host="0.0.0.0",
+        port=settings.port,
+        loop="uvloop" if sys.platform != "win32" else "auto",
+        http="httptools",
+        log_config=None,  # keep the JSON logging configured above
+        access_log=False,  # AccessLog writes it, as JSON
+        server_header=False,
+    )
+    Server(config).run()
