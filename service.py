@@ -16,6 +16,7 @@
 import asyncio
 import logging
 import math
+import signal
 import sys
 import time
 from typing import Annotated, Any, Literal
@@ -274,6 +275,11 @@ class Server(uvicorn.Server):
 
 
 if __name__ == "__main__":
+    # uvicorn re-raises the signal once it has drained, which would end the process as "killed
+    # by SIGTERM" (143) and print a KeyboardInterrupt traceback on Ctrl+C. A drained shutdown
+    # is a success: exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     config = uvicorn.Config(
         app,
         host="0.0.0.0",

@@ -1,0 +1,370 @@
+"""The service's contract, checked against the real process over a real socket."""
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from conftest import ROOT, Service, run_service
+
+DELAY = 2.0  # long enough that "answered before the delay" is unmistakable
+README_CURL = {"a": 10, "b": 5}
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with run_service(tmp_path_factory.mktemp("svc"), DELAY_SECONDS=str(DELAY)) as s:
+        yield s
+
+
+def post(url: str, **kwargs) -> tuple[httpx.Response, float]:
+    start = time.perf_counter()
+    response = httpx.post(url + "/", timeout=30, **kwargs)
+    return response, time.perf_counter() - start
+
+
+# --- POST / -----------------------------------------------------------------------------------
+
+
+def test_readme_curl_answers_after_the_delay(svc: Service) -> None:
+    response, elapsed = post(svc.url, json=README_CURL)
+    assert response.status_code == 200
+    assert response.text == '{"result":15.0}'  # byte for byte what the README shows
+    assert DELAY <= elapsed < DELAY + 1
+
+
+def test_default_delay_is_five_seconds(tmp_path) -> None:
+    with run_service(tmp_path, DELAY_SECONDS=None) as s:
+        response, elapsed = post(s.url, json=README_CURL)
+    assert response.json() == {"result": 15.0}
+    assert 5 <= elapsed < 6
+
+
+def test_floats_and_negatives_add(svc: Service) -> None:
+    response, _ = post(svc.url, json={"a": -1.5, "b": 0.25})
+    assert response.json() == {"result": -1.25}
+
+
+BAD_BODIES = {
+    # name: (raw body, field the error must name, words the message must contain)
+    "NaN": ('{"a": NaN, "b": 5}', "a", "finite number"),
+    "Infinity": ('{"a": 1, "b": Infinity}', "b", "finite number"),
+    "-Infinity": ('{"a": -Infinity, "b": 1}', "a", "finite number"),
+    "1e999": ('{"a": 1e999, "b": 5}', "a", "finite number"),
+    "string": ('{"a": "10", "b": 5}', "a", "valid number"),
+    "boolean": ('{"a": 10, "b": true}', "b", "valid number"),
+    "null": ('{"a": null, "b": 5}', "a", "valid number"),
+    "object": ('{"a": {"x": 1}, "b": 5}', "a", "valid number"),
+    "list value": ('{"a": [1], "b": 5}', "a", "valid number"),
+    "missing b": ('{"a": 10}', "b", "required"),
+    "missing both": ("{}", "a", "required"),
+    "extra field": ('{"a": 1, "b": 2, "c": 3}', "c", "not permitted"),
+    "not JSON": ("a=10&b=5", "body", "JSON"),
+    "truncated JSON": ('{"a": 10, "b":', "body", "JSON"),
+    "array": ("[10, 5]", "body", "dictionary"),
+    "scalar": ("15", "body", "dictionary"),
+    "empty body": ("", "body", "required"),
+    "sum overflows": ('{"a": 1.7e308, "b": 1.7e308}', "body", "too large"),
+}
+
+
+@pytest.mark.parametrize("raw, field, words", BAD_BODIES.values(), ids=BAD_BODIES.keys())
+def test_bad_input_is_a_4xx_naming_the_problem_before_the_delay(
+    svc: Service, raw: str, field: str, words: str
+) -> None:
+    response, elapsed = post(svc.url, content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    errors = response.json()["detail"]  # a JSON body, NaN or not in the input
+    assert any(
+        field in map(str, e["loc"]) and words.lower() in e["msg"].lower() for e in errors
+    ), errors
+    assert elapsed < DELAY / 2
+
+
+def test_body_without_json_content_type_is_a_4xx(svc: Service) -> None:
+    response, elapsed = post(svc.url, content=json.dumps(README_CURL),
+                             headers={"Content-Type": "text/plain"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body"]
+    assert elapsed < DELAY / 2
+
+
+def test_wrong_method_and_path_are_json_4xx(svc: Service) -> None:
+    assert httpx.get(svc.url + "/").status_code == 405
+    missing = httpx.post(svc.url + "/add", json=README_CURL)
+    assert missing.status_code == 404
+    assert missing.json() == {"detail": "Not Found"}
+
+
+def _raw_request(url: str, head: bytes, body: bytes) -> tuple[bytes, float]:
+    host, port = url.removeprefix("http://").split(":")
+    start = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data, time.perf_counter() - start
+
+
+def test_oversized_body_is_413_json_without_reading_it(tmp_path) -> None:
+    with run_service(tmp_path, MAX_BODY_BYTES="1000") as s:
+        # Declares 10 GiB and sends 2 KiB: the answer cannot have waited for the body.
+        head = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 10737418240\r\n\r\n")
+        data, elapsed = _raw_request(s.url, head, b" " * 2048)
+        status, body = data.split(b"\r\n", 1)[0], data.split(b"\r\n\r\n", 1)[1]
+        assert b" 413 " in status
+        assert json.loads(body) == {
+            "detail": "Request body is larger than MAX_BODY_BYTES (1000 bytes)"
+        }
+        assert elapsed < 2
+
+        # Chunked, so no length is declared: the limit counts the bytes as they arrive.
+        chunked = httpx.post(s.url + "/", content=iter([b" " * 600] * 5),
+                             headers={"Content-Type": "application/json"})
+        assert chunked.status_code == 413
+        assert "MAX_BODY_BYTES" in chunked.json()["detail"]
+
+        assert httpx.post(s.url + "/", json=README_CURL).status_code == 200
+
+
+def test_no_input_produces_a_5xx(tmp_path) -> None:
+    """Property-based: schemathesis throws generated bodies of every shape at the API."""
+    with run_service(tmp_path, DELAY_SECONDS="0") as s:
+        result = subprocess.run(
+            ["uvx", "--from", "schemathesis==4.32.5", "schemathesis", "run",
+             f"{s.url}/openapi.json", "--checks", "not_a_server_error",
+             "--max-examples", "150", "--phases", "examples,coverage,fuzzing",
+             "--seed", "1"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+        assert not [line for line in s.logs() if line.get("status", 0) >= 500]
+
+
+# --- Health, readiness, metrics, docs ---------------------------------------------------------
+
+
+def test_healthz_is_never_delayed(svc: Service) -> None:
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=30) as client:
+            slow = asyncio.create_task(client.post("/", json=README_CURL))
+            await asyncio.sleep(0.2)  # the POST is now inside its delay
+            start = time.perf_counter()
+            health = await client.get("/healthz")
+            assert time.perf_counter() - start < 0.5
+            assert health.status_code == 200 and health.json() == {"status": "ok"}
+            assert (await slow).status_code == 200
+
+    asyncio.run(main())
+
+
+def test_readyz_is_200_while_serving(svc: Service) -> None:
+    response = httpx.get(svc.url + "/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready"}
+
+
+def test_readyz_turns_503_when_shutdown_begins() -> None:
+    import uvicorn
+
+    import service
+
+    server = service.Server(uvicorn.Config(service.app))
+    transport = httpx.ASGITransport(app=service.app)
+
+    async def readyz() -> httpx.Response:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.get("/readyz")
+
+    try:
+        assert asyncio.run(readyz()).status_code == 200
+        server.handle_exit(signal.SIGTERM, None)  # what uvicorn calls on SIGTERM
+        response = asyncio.run(readyz())
+        assert response.status_code == 503
+        assert response.json() == {"status": "shutting down"}
+        assert server.should_exit
+    finally:
+        service.app.state.ready = True
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format, labels in any order."""
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        sample, _, label_text = series.partition("{")
+        if sample == name and set(filter(None, label_text.rstrip("}").split(","))) == want:
+            return float(value)
+    raise AssertionError(f"{name}{sorted(want)} not in metrics")
+
+
+def test_metrics_count_requests_by_route_and_status(tmp_path) -> None:
+    with run_service(tmp_path, DELAY_SECONDS="0") as s:
+        for _ in range(3):
+            httpx.post(s.url + "/", json=README_CURL)
+        httpx.post(s.url + "/", json={"a": "x", "b": 1})
+        httpx.get(s.url + "/no/such/path/1")
+        httpx.get(s.url + "/no/such/path/2")
+        response = httpx.get(s.url + "/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    text = response.text
+    assert _metric(text, "http_requests_total", method="POST", route="/", status="200") == 3
+    assert _metric(text, "http_requests_total", method="POST", route="/", status="422") == 1
+    # Unknown paths share one label, so a scanner cannot blow up the series count.
+    assert _metric(text, "http_requests_total", method="GET", route="unmatched", status="404") == 2
+    assert "/no/such/path" not in text
+    assert _metric(text, "http_request_duration_seconds_count", method="POST", route="/") == 4
+    assert _metric(text, "http_request_duration_seconds_bucket", method="POST", route="/", le="+Inf") == 4
+
+
+def test_in_flight_gauge_counts_delayed_requests(svc: Service) -> None:
+    async def main() -> float:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=30) as client:
+            posts = [asyncio.create_task(client.post("/", json=README_CURL)) for _ in range(5)]
+            await asyncio.sleep(DELAY / 2)
+            text = (await client.get("/metrics")).text
+            await asyncio.gather(*posts)
+            return _metric(text, "http_requests_in_flight")
+
+    assert asyncio.run(main()) == 6  # five POSTs in their delay, plus the /metrics request
+
+
+def test_openapi_describes_the_body_and_errors(svc: Service) -> None:
+    spec = httpx.get(svc.url + "/openapi.json").json()
+    post_op = spec["paths"]["/"]["post"]
+    ref = post_op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    body = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert body["required"] == ["a", "b"]
+    assert body["properties"]["a"]["type"] == "number"
+    assert {"200", "413", "422"} <= post_op["responses"].keys()
+    assert set(spec["paths"]) >= {"/", "/healthz", "/readyz"}
+    assert "/metrics" not in spec["paths"]
+    docs = httpx.get(svc.url + "/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+# --- Logs -------------------------------------------------------------------------------------
+
+
+def test_every_log_line_is_one_json_object(tmp_path) -> None:
+    with run_service(tmp_path, DELAY_SECONDS="0") as s:
+        httpx.post(s.url + "/", json=README_CURL)
+        httpx.post(s.url + "/", content=b"{", headers={"Content-Type": "application/json"})
+        httpx.get(s.url + "/healthz")
+        assert s.terminate() == 0
+        lines = s.log_lines()
+    logs = [json.loads(line) for line in lines]  # fails on any line that is not JSON
+    assert all(isinstance(entry, dict) for entry in logs)
+    assert all({"timestamp", "level", "event"} <= entry.keys() for entry in logs), logs
+    events = [entry["event"] for entry in logs]
+    assert any(e.startswith("Uvicorn running on") for e in events)
+    assert "Shutting down" in events and any(e.startswith("Finished server process") for e in events)
+
+    access = [entry for entry in logs if entry["event"] == "request"]
+    assert [(a["method"], a["path"], a["status"]) for a in access] == [
+        ("GET", "/healthz", 200),  # run_service waiting for the start
+        ("POST", "/", 200), ("POST", "/", 422), ("GET", "/healthz", 200)
+    ]
+    assert all(a["duration_ms"] >= 0 and a["level"] == "info" for a in access)
+    assert len(lines) == len(set(lines)), "a line was logged twice"
+    assert not [e for e in events if "HTTP/1.1" in e], "uvicorn's own access log is on too"
+
+
+def test_loglevel_filters_lines(tmp_path) -> None:
+    with run_service(tmp_path, DELAY_SECONDS="0", LOGLEVEL="warning") as s:
+        httpx.post(s.url + "/", json=README_CURL)
+        s.terminate()
+        assert s.logs() == []  # info lines (start-up, access) are filtered out
+
+
+def test_errors_are_logged_as_one_json_line_with_the_traceback() -> None:
+    code = (
+        "import logging, service\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError:\n"
+        "    logging.getLogger('uvicorn.error').exception('Exception in ASGI application')\n"
+        "    service.logger.exception('app failure')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    lines = out.stdout.splitlines()
+    assert out.stderr == "" and len(lines) == 2, out
+    for line in lines:
+        entry = json.loads(line)
+        assert entry["level"] == "error"
+        frames = entry["exception"][0]
+        assert frames["exc_type"] == "ZeroDivisionError" and frames["frames"]
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [("PORT", "abc"), ("PORT", "70000"), ("DELAY_SECONDS", "-1"), ("DELAY_SECONDS", "nan"),
+     ("LOGLEVEL", "LOUD"), ("MAX_BODY_BYTES", "0")],
+)
+def test_invalid_setting_exits_with_one_clear_line(tmp_path, variable: str, value: str) -> None:
+    with run_service(tmp_path, wait=False, **{variable: value}) as s:
+        assert s.proc.wait(30) != 0
+        logs = s.logs()
+    assert len(logs) == 1, logs
+    assert logs[0]["level"] == "error" and logs[0]["event"] == "invalid setting"
+    assert logs[0]["variables"] == [variable]
+    assert value in logs[0]["errors"][0]
+
+
+def test_loglevel_is_case_insensitive(tmp_path) -> None:
+    with run_service(tmp_path, LOGLEVEL="debug") as s:
+        assert httpx.get(s.url + "/healthz").status_code == 200
+
+
+# --- Shutdown ---------------------------------------------------------------------------------
+
+
+def test_sigterm_completes_every_in_flight_request(tmp_path) -> None:
+    """As the kubelet stops a pod: 100+ requests inside their delay, then SIGTERM."""
+    n = 120
+
+    async def main(s: Service) -> tuple[list[httpx.Response], int, bool]:
+        limits = httpx.Limits(max_connections=n + 10)
+        async with httpx.AsyncClient(base_url=s.url, timeout=60, limits=limits) as client:
+            posts = [asyncio.create_task(client.post("/", json=README_CURL)) for _ in range(n)]
+            async with httpx.AsyncClient(base_url=s.url) as probe:
+                while _metric((await probe.get("/metrics")).text, "http_requests_in_flight") < n + 1:
+                    await asyncio.sleep(0.05)
+            s.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            try:  # the listening socket is closed: new connections are refused
+                await httpx.AsyncClient().get(s.url + "/healthz", timeout=2)
+                refused = False
+            except httpx.ConnectError:
+                refused = True
+            responses = await asyncio.gather(*posts)
+            return responses, await asyncio.to_thread(s.proc.wait, 30), refused
+
+    with run_service(tmp_path, DELAY_SECONDS="3") as s:
+        responses, code, refused = asyncio.run(main(s))
+        logs = s.logs()
+    assert [r.status_code for r in responses] == [200] * n
+    assert all(r.json() == {"result": 15.0} for r in responses)
+    assert code == 0
+    assert refused
+    events = [e["event"] for e in logs]
+    assert events.index("Shutting down") < events.index("Application shutdown complete.")
+    assert sum(1 for e in logs if e["event"] == "request" and e["path"] == "/") == n
+
+
+def test_runs_on_uvloop_and_httptools(service: Service) -> None:
+    maps = open(f"/proc/{service.proc.pid}/maps").read()
+    assert "uvloop/loop." in maps and "httptools/parser/parser." in maps
+    assert "uvloop.install" not in (ROOT / "service.py").read_text()  # deprecated from 3.12
