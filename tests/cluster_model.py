@@ -1,0 +1,513 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["pyyaml==6.0.4"]
+# ///
+"""The cluster kit as a model: where the scheduler can put the pods, and what the HPA does.
+
+    python tests/cluster_model.py    # prints README.md's capacity table (or: uv run tests/cluster_model.py)
+
+No cluster is reachable from here, so the claims the README makes about EKS are computed: EKS's
+node-allocatable formula and the system pods' requests for the scheduler, the HPA controller's
+algorithm (kubernetes/kubernetes pkg/controller/podautoscaler) for the autoscaler. Its inputs are
+the manifests in the repository, service.py's DELAY_SECONDS default, and what the running service
+was measured to cost (tests/measured.json), so the numbers follow when any of them changes.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+MEASURED = Path(__file__).resolve().parent / "measured.json"
+
+# The swarm the README's demo uses: it must visibly scale out, and come back to 1 pod after.
+DEMO_USERS = 1_000
+TABLE_USERS = (50, 100, 500, 1_000, 5_000)
+
+
+# --- Inputs -----------------------------------------------------------------------------------
+
+
+def manifest(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def app_container(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def cpu_millicores(quantity: str | int | float) -> float:
+    text = str(quantity)
+    return float(text[:-1]) if text.endswith("m") else float(text) * 1000
+
+
+def memory_mib(quantity: str | int) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "K": 1e3 / 2**20, "M": 1e6 / 2**20, "G": 1e9 / 2**20}
+    text = str(quantity)
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * units[suffix]
+    return float(text) / 2**20  # plain bytes
+
+
+def service_default(name: str) -> float:
+    """A Settings default from service.py, read without importing it (no FastAPI needed here)."""
+    tree = ast.parse((ROOT / "service.py").read_text())
+    settings = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings")
+    for node in settings.body:
+        if isinstance(node, ast.AnnAssign) and node.target.id == name:
+            value = node.value
+            if isinstance(value, ast.Call):  # Field(5.0, ...)
+                value = value.args[0]
+            return float(ast.literal_eval(value))
+    raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What one service process costs, from tests/measured.json ("service")."""
+
+    cpu_ms_per_request: float  # server process user+sys CPU per request, in ms
+    idle_cpu_m: float  # millicores with no traffic at all
+    idle_rss_mib: float
+    rss_mib_per_in_flight: float  # grows with requests in flight; CPython keeps it afterwards
+
+    @classmethod
+    def load(cls, path: Path = MEASURED) -> Measured:
+        s = json.loads(path.read_text())["service"]
+        return cls(
+            cpu_ms_per_request=s["cpu_us_per_request"] / 1000,
+            idle_cpu_m=s["idle_cpu_millicores"],
+            idle_rss_mib=s["idle_rss_mib"],
+            rss_mib_per_in_flight=(s["peak_rss_mib_10000"] - s["idle_rss_mib"]) / 10_000,
+        )
+
+
+# --- The locust swarm -------------------------------------------------------------------------
+
+# locustfile.py: every user waits between(1, 2) s after each answer. Only POST / is modelled; the
+# locustfile's occasional GET /healthz adds ~7 % more requests, which only helps scale-up.
+THINK_S = 1.5
+# Client -> ELB -> pod and back, on top of DELAY_SECONDS. A longer trip lowers the rate.
+ROUND_TRIP_S = 0.1
+
+
+def request_rate(users: float, delay_s: float) -> float:
+    """Requests per second: each user loops request (delay + round trip), then think time."""
+    return users / (THINK_S + delay_s + ROUND_TRIP_S)
+
+
+def in_flight(users: float, delay_s: float) -> float:
+    """Requests waiting in the service at any moment (Little's law)."""
+    return request_rate(users, delay_s) * (delay_s + ROUND_TRIP_S)
+
+
+# --- Scheduling: where pods fit ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    cpu_m: float
+    memory_mib: float = 0.0
+
+
+@dataclass(frozen=True)
+class NodeType:
+    name: str
+    vcpus: int
+    # What the kubelet reports as capacity is the kernel's MemTotal, below EC2's nominal 8 GiB;
+    # 7.5 GiB is a conservative stand-in (`kubectl describe node` shows the real figure).
+    memory_mib: float
+    max_pods: int  # VPC CNI: ENIs x (IPs per ENI - 1) + 2
+
+    @property
+    def allocatable_cpu_m(self) -> float:
+        # EKS AMI kube-reserved CPU: 6 % of the first core, 1 % of the second, 0.5 % of the next
+        # two, 0.25 % of the rest (awslabs/amazon-eks-ami nodeadm kubelet config).
+        shares = [0.06, 0.01, 0.005, 0.005] + [0.0025] * max(0, self.vcpus - 4)
+        return self.vcpus * 1000 - sum(1000 * s for s in shares[: self.vcpus])
+
+    @property
+    def allocatable_memory_mib(self) -> float:
+        kube_reserved = 11 * self.max_pods + 255
+        eviction_hard = 100
+        return self.memory_mib - kube_reserved - eviction_hard
+
+
+T3_LARGE = NodeType("t3.large", vcpus=2, memory_mib=7680, max_pods=35)
+
+# On every node (DaemonSets), and the pods the scheduler may put on any node.
+DAEMONSETS = (Pod("aws-node", 25 + 25), Pod("kube-proxy", 100))
+SYSTEM_DEPLOYMENTS = (
+    Pod("coredns", 100, 70),
+    Pod("coredns", 100, 70),
+    Pod("metrics-server", 100, 200),
+)
+
+
+def app_pods_that_fit(app: Pod, nodes: int, node: NodeType = T3_LARGE) -> int:
+    """How many app pods fit in the worst placement of the movable system pods.
+
+    Every placement of coredns and metrics-server over the nodes is tried; app pods are all
+    alike, so for a given placement each node takes as many as its leftover room allows.
+    """
+    worst = math.inf
+    for placement in itertools.product(range(nodes), repeat=len(SYSTEM_DEPLOYMENTS)):
+        total = 0
+        for n in range(nodes):
+            system = [*DAEMONSETS, *(p for p, at in zip(SYSTEM_DEPLOYMENTS, placement) if at == n)]
+            cpu = node.allocatable_cpu_m - sum(p.cpu_m for p in system)
+            mem = node.allocatable_memory_mib - sum(p.memory_mib for p in system)
+            slots = node.max_pods - len(system)
+            by_cpu = cpu // app.cpu_m if app.cpu_m else math.inf
+            by_mem = mem // app.memory_mib if app.memory_mib else math.inf
+            total += max(0, int(min(by_cpu, by_mem, slots)))
+        worst = min(worst, total)
+    return int(worst)
+
+
+# --- The HPA ----------------------------------------------------------------------------------
+
+SYNC_PERIOD_S = 15  # kube-controller-manager --horizontal-pod-autoscaler-sync-period
+TOLERANCE = 0.1
+SCRAPE_PERIOD_S = 15  # metrics-server --metric-resolution on EKS
+SCRAPE_PHASE_S = 5  # scrapes and HPA syncs are not aligned
+POD_READY_S = 20  # created -> Ready: schedule, pull on a fresh node, start, startup probe
+AZS = 3  # a Classic ELB health-checks every node from each of its zones
+
+
+@dataclass(frozen=True)
+class Rules:
+    """One direction of `behavior` (scaleUp or scaleDown)."""
+
+    window_s: int
+    policies: tuple[tuple[str, int, int], ...]  # (type, value, periodSeconds)
+    select: str = "Max"
+
+
+DEFAULT_UP = Rules(0, (("Percent", 100, 15), ("Pods", 4, 15)))
+DEFAULT_DOWN = Rules(300, (("Percent", 100, 15),))
+
+
+def _rules(spec: dict | None, default: Rules) -> Rules:
+    spec = spec or {}
+    policies = tuple((p["type"], p["value"], p["periodSeconds"]) for p in spec.get("policies") or ())
+    return Rules(
+        window_s=spec.get("stabilizationWindowSeconds", default.window_s),
+        policies=policies or default.policies,
+        select=spec.get("selectPolicy", default.select),
+    )
+
+
+@dataclass(frozen=True)
+class HPA:
+    min_replicas: int
+    max_replicas: int
+    targets: dict[str, int]  # resource name -> averageUtilization (% of the request)
+    up: Rules = DEFAULT_UP
+    down: Rules = DEFAULT_DOWN
+
+    @classmethod
+    def from_manifest(cls, doc: dict) -> HPA:
+        spec = doc["spec"]
+        targets = {}
+        for metric in spec["metrics"]:
+            if metric["type"] != "Resource" or metric["resource"]["target"]["type"] != "Utilization":
+                raise ValueError(f"the model covers Resource Utilization metrics only: {metric}")
+            targets[metric["resource"]["name"]] = metric["resource"]["target"]["averageUtilization"]
+        behavior = spec.get("behavior") or {}
+        return cls(
+            min_replicas=spec.get("minReplicas", 1),
+            max_replicas=spec["maxReplicas"],
+            targets=targets,
+            up=_rules(behavior.get("scaleUp"), DEFAULT_UP),
+            down=_rules(behavior.get("scaleDown"), DEFAULT_DOWN),
+        )
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one pod of the Deployment costs, and what it asked the scheduler for."""
+
+    measured: Measured
+    delay_s: float
+    requests: Pod
+    probes_per_s: float  # kubelet liveness + readiness per pod
+    capacity: int  # pods that fit on the node group's minimum nodes (the rest stay Pending)
+    nodes: int
+
+    @classmethod
+    def from_manifests(cls, deployment: dict, measured: Measured, nodes: int) -> Workload:
+        c = app_container(deployment)
+        req = c["resources"]["requests"]
+        requests = Pod("app", cpu_millicores(req["cpu"]), memory_mib(req["memory"]))
+        probes = sum(
+            1 / c[p].get("periodSeconds", 10)
+            for p in ("livenessProbe", "readinessProbe")
+            if "httpGet" in c.get(p, {})
+        )
+        capacity = app_pods_that_fit(requests, nodes)
+        return cls(measured, service_default("delay_seconds"), requests, probes, capacity, nodes)
+
+    def elb_checks_per_s(self, interval_s: float = 10) -> float:
+        return AZS * self.nodes / interval_s
+
+    def pod_cpu_m(self, requests_per_s: float) -> float:
+        """The container's CPU (what cAdvisor and metrics-server report): the Python process is
+        PID 1 and alone in the container, so it is the process's user+sys time."""
+        m = self.measured
+        return m.idle_cpu_m + (requests_per_s + self.probes_per_s) * m.cpu_ms_per_request
+
+    def pod_rss_mib(self, requests_in_flight: float) -> float:
+        return self.measured.idle_rss_mib + requests_in_flight * self.measured.rss_mib_per_in_flight
+
+
+@dataclass
+class _Pod:
+    created: float
+    ready_at: float | None  # None: Pending, it does not fit
+    cpu_m_s: float = 0.0  # cumulative CPU, millicore-seconds
+    rss_mib: float = 0.0  # high-water mark: CPython does not hand freed memory back
+    scrapes: list[tuple[float, float, float]] = field(default_factory=list)  # (t, cpu_m_s, rss)
+
+    def ready(self, t: float) -> bool:
+        return self.ready_at is not None and t >= self.ready_at
+
+
+@dataclass(frozen=True)
+class Tick:
+    t: int
+    users: float
+    replicas: int  # the Deployment's spec.replicas after this sync
+    ready: int
+    utilization: dict[str, int | None]  # what `kubectl get hpa` shows, per resource
+
+
+def _pod_value(pod: _Pod, resource: str) -> float | None:
+    """The metric the HPA gets for a pod, or None when it sets the pod aside."""
+    if resource == "cpu":
+        # A CPU sample counts only if its whole window lies after the pod became ready (pods
+        # are scraped only once ready here, so that takes two scrapes).
+        if len(pod.scrapes) < 2:
+            return None
+        (t0, c0, _), (t1, c1, _) = pod.scrapes[-2:]
+        return math.ceil((c1 - c0) / (t1 - t0))  # the usage's MilliValue() rounds up
+    return pod.scrapes[-1][2] if pod.scrapes else None
+
+
+def _utilization(values: dict[int, float], request: float) -> int:
+    """Whole percent of the summed requests, as GetResourceUtilizationRatio computes it."""
+    return math.floor(100 * sum(values.values()) / (request * len(values)))
+
+
+def desired_for_metric(
+    pods: list[_Pod], t: float, resource: str, target: int, request: float, current: int
+) -> tuple[int, int] | None:
+    """GetResourceReplicas: (desired replicas, utilization %), or None without any metric."""
+    metrics, ignored, missing = {}, set(), set()
+    for i, pod in enumerate(pods):
+        if not pod.ready(t):
+            ignored.add(i)  # Pending or not yet ready
+        elif (value := _pod_value(pod, resource)) is None:
+            (ignored if resource == "cpu" else missing).add(i)
+        else:
+            metrics[i] = value
+    if not metrics:
+        return None
+    utilization = _utilization(metrics, request)
+    ratio = utilization / target
+    rebalance_ignored = bool(ignored) and ratio > 1.0
+    if not rebalance_ignored and not missing:
+        if abs(1.0 - ratio) <= TOLERANCE:
+            return current, utilization
+        return math.ceil(ratio * len(metrics)), utilization
+    if missing:  # scale-down: assume they use their whole request; scale-up: nothing
+        metrics.update({i: request if ratio < 1.0 else 0.0 for i in missing})
+    if rebalance_ignored:
+        metrics.update({i: 0.0 for i in ignored})
+    new_ratio = _utilization(metrics, request) / target
+    if abs(1.0 - new_ratio) <= TOLERANCE or (ratio < 1.0 < new_ratio) or (ratio > 1.0 > new_ratio):
+        return current, utilization
+    replicas = math.ceil(new_ratio * len(metrics))
+    if (new_ratio < 1.0 and replicas > current) or (new_ratio > 1.0 and replicas < current):
+        return current, utilization
+    return replicas, utilization
+
+
+def _changed_within(events: list[tuple[float, int]], t: float, period: int) -> int:
+    return sum(n for at, n in events if at > t - period)
+
+
+def _limit(rules: Rules, current: int, t: float, ups: list, downs: list, up: bool) -> int:
+    if rules.select == "Disabled":
+        return current
+    proposals = []
+    for kind, value, period in rules.policies:
+        start = current - _changed_within(ups, t, period) + _changed_within(downs, t, period)
+        if kind == "Pods":
+            proposals.append(start + value if up else start - value)
+        elif up:
+            proposals.append(math.ceil(start * (1 + value / 100)))
+        else:
+            proposals.append(int(start * (1 - value / 100)))
+    most_change = max if up else min
+    least_change = min if up else max
+    return (least_change if rules.select == "Min" else most_change)(proposals)
+
+
+def simulate(
+    hpa: HPA,
+    work: Workload,
+    users: Callable[[float], float],
+    seconds: int,
+    start_replicas: int = 1,
+) -> list[Tick]:
+    """Run the swarm `users(t)` against the Deployment for `seconds`, one HPA sync per 15 s."""
+    pods = [_Pod(-60, -60 if i < work.capacity else None) for i in range(start_replicas)]
+    recommendations: list[tuple[float, int]] = []
+    ups: list[tuple[float, int]] = []
+    downs: list[tuple[float, int]] = []
+    ticks = []
+    for t in range(seconds + 1):
+        u = users(t)
+        ready = [p for p in pods if p.ready(t)]
+        if ready:
+            # Totals are what the HPA sums; how the ELB and kube-proxy spread them (locust keeps
+            # its connections open, so new pods get fewer) changes no replica count.
+            share = (request_rate(u, work.delay_s) + work.elb_checks_per_s()) / len(ready)
+            flight = in_flight(u, work.delay_s) / len(ready)
+            for p in ready:
+                p.cpu_m_s += work.pod_cpu_m(share)
+                p.rss_mib = max(p.rss_mib, work.pod_rss_mib(flight))
+        if t % SCRAPE_PERIOD_S == SCRAPE_PHASE_S:
+            for p in ready:
+                p.scrapes = [*p.scrapes[-1:], (t, p.cpu_m_s, p.rss_mib)]
+        if t == 0 or t % SYNC_PERIOD_S:
+            continue
+
+        current = len(pods)
+        proposals, shown = [], {}
+        for resource, target in hpa.targets.items():
+            request = work.requests.cpu_m if resource == "cpu" else work.requests.memory_mib
+            result = desired_for_metric(pods, t, resource, target, request, current)
+            shown[resource] = result[1] if result else None
+            if result:
+                proposals.append(result[0])
+        if proposals:
+            desired = max(proposals)
+            # Stabilisation: the lowest recommendation of the scale-up window, the highest of
+            # the scale-down window (including this one) bound the change.
+            if not recommendations:
+                recommendations.append((t, current))
+            up_rec = min([desired, *(r for at, r in recommendations if at > t - hpa.up.window_s)])
+            down_rec = max([desired, *(r for at, r in recommendations if at > t - hpa.down.window_s)])
+            recommendations.append((t, desired))
+            stabilized = min(max(current, up_rec), down_rec)
+            new = stabilized
+            if stabilized > current:
+                limit = max(current, _limit(hpa.up, current, t, ups, downs, up=True))
+                new = min(stabilized, hpa.max_replicas, limit)
+            elif stabilized < current:
+                limit = min(current, _limit(hpa.down, current, t, ups, downs, up=False))
+                new = max(stabilized, hpa.min_replicas, limit)
+            if new > current:
+                for _ in range(new - current):
+                    fits = sum(p.ready_at is not None for p in pods) < work.capacity
+                    pods.append(_Pod(t, t + POD_READY_S if fits else None))
+                ups.append((t, new - current))
+            elif new < current:
+                # The ReplicaSet removes unscheduled pods first, then not-ready, then the newest.
+                pods.sort(key=lambda p: (p.ready_at is None, not p.ready(t), p.created), reverse=True)
+                del pods[: current - new]
+                pods.sort(key=lambda p: p.created)
+                downs.append((t, current - new))
+        ticks.append(Tick(t, u, len(pods), sum(p.ready(t) for p in pods), shown))
+    return ticks
+
+
+# --- Scenarios --------------------------------------------------------------------------------
+
+SPAWN_RATE = 10  # users per second, as the README suggests in locust's start form
+
+
+def swarm(users: int, stop_at: float = math.inf) -> Callable[[float], float]:
+    """Locust ramping up at SPAWN_RATE, then all users stopped at `stop_at`."""
+    return lambda t: 0 if t >= stop_at else min(users, SPAWN_RATE * t)
+
+
+def repo_kit(measured: Measured | None = None) -> tuple[HPA, Workload]:
+    """The HPA and Workload the manifests in this repository describe."""
+    nodes = manifest("cluster-config.yaml")["managedNodeGroups"][0]["minSize"]
+    return HPA.from_manifest(manifest("hpa.yaml")), Workload.from_manifests(
+        manifest("deployment.yaml"), measured or Measured.load(), nodes
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    users: int
+    rate: float
+    in_flight: float
+    replicas: int
+    cpu_per_pod_m: float
+    utilization: int | None
+    back_to_min_s: int | None
+
+
+def capacity_row(hpa: HPA, work: Workload, users: int, run_s: int = 900, idle_s: int = 900) -> Row:
+    ticks = simulate(hpa, work, swarm(users, stop_at=run_s), run_s + idle_s)
+    during = [k for k in ticks if k.t <= run_s]
+    settled = during[-1]
+    after = [k for k in ticks if k.t > run_s]
+    scaled = max(k.replicas for k in during) > hpa.min_replicas
+    back = next((k.t - run_s for k in after if k.replicas == hpa.min_replicas), None) if scaled else 0
+    rate = request_rate(users, work.delay_s)
+    return Row(
+        users=users,
+        rate=rate,
+        in_flight=in_flight(users, work.delay_s),
+        replicas=settled.replicas,
+        cpu_per_pod_m=work.pod_cpu_m((rate + work.elb_checks_per_s()) / settled.ready),
+        utilization=settled.utilization.get("cpu"),
+        back_to_min_s=back,
+    )
+
+
+def capacity_table(users: tuple[int, ...] = TABLE_USERS) -> str:
+    hpa, work = repo_kit()
+    target = hpa.targets["cpu"]
+    lines = [
+        "| Locust users | Requests/s | In flight | CPU per pod | `kubectl get hpa` TARGETS | Replicas "
+        "| Back to 1 pod after stop |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in (capacity_row(hpa, work, u) for u in users):
+        back = {None: "never", 0: "(never left 1)"}.get(row.back_to_min_s, f"{row.back_to_min_s} s")
+        lines.append(
+            f"| {row.users:,} | {row.rate:.0f} | {row.in_flight:.0f} | {row.cpu_per_pod_m:.1f}m "
+            f"| {row.utilization}%/{target}% | {row.replicas} | {back} |"
+        )
+    m = work.measured
+    lines += [
+        "",
+        f"Model inputs: {m.cpu_ms_per_request * 1000:.0f} µs CPU per request, {m.idle_cpu_m:g}m idle CPU, "
+        f"{m.idle_rss_mib:g} MiB idle RSS (tests/measured.json); DELAY_SECONDS {work.delay_s:g} s; "
+        f"think time 1-2 s; request {work.requests.cpu_m:g}m CPU, HPA target {target}% "
+        f"({work.requests.cpu_m * target / 100:g}m per pod); swarm spawned at {SPAWN_RATE} users/s, "
+        f"settled after 15 min. {work.capacity} app pods fit on {work.nodes} {T3_LARGE.name} nodes "
+        f"in the worst placement of the system pods.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(capacity_table())

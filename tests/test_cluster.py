@@ -1,0 +1,351 @@
+"""The cluster kit (cluster-config, deployment, service, hpa) checked without a cluster.
+
+Schema and policy checks run the pinned tools; scheduling and autoscaling claims are computed by
+tests/cluster_model.py from the manifests and tests/measured.json; probes, ports and the grace
+period are checked against the real service.
+"""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+
+import cluster_model as cm
+from conftest import ROOT, SHARED, run_service, uvx
+
+MANIFESTS = ("deployment.yaml", "service.yaml", "hpa.yaml")
+# The claims must survive figures 30 % worse than measured, in whichever direction hurts.
+SAFETY = 1.3
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return cm.manifest("cluster-config.yaml")
+
+
+@pytest.fixture(scope="module")
+def deployment() -> dict:
+    return cm.manifest("deployment.yaml")
+
+
+@pytest.fixture(scope="module")
+def container(deployment) -> dict:
+    return cm.app_container(deployment)
+
+
+@pytest.fixture(scope="module")
+def kit() -> tuple[cm.HPA, cm.Workload]:
+    return cm.repo_kit()
+
+
+def routes() -> dict[str, set[str]]:
+    import service
+
+    return {r.path: r.methods for r in service.app.routes if hasattr(r, "methods")}
+
+
+def settings_default(name: str):
+    import service
+
+    return service.Settings.model_fields[name].default
+
+
+# --- Cluster config ---------------------------------------------------------------------------
+
+
+def test_cluster_config_valid_for_eksctl(cluster):
+    schema_path = SHARED / "schemas" / "eksctl-clusterconfig-v1alpha5.json"
+    if not schema_path.exists():
+        pytest.skip(f"{schema_path} is absent: the eksctl schema lives outside the repository")
+    jsonschema.Draft7Validator(json.loads(schema_path.read_text())).validate(cluster)
+
+
+def test_cluster_config_is_creatable_and_as_documented(cluster):
+    meta = cluster["metadata"]
+    assert (meta["name"], meta["region"]) == ("math-service-cluster", "eu-west-2")
+    # A string (YAML would read 1.30 as 1.3), and 1.35 or newer: in EKS standard support.
+    assert isinstance(meta["version"], str)
+    assert tuple(map(int, meta["version"].split("."))) >= (1, 35)
+    assert cluster["autoModeConfig"] == {"enabled": False}
+    assert "metrics-server" in [a["name"] for a in cluster["addons"]]
+    (group,) = cluster["managedNodeGroups"]
+    assert (group["name"], group["instanceType"]) == ("standard-workers", "t3.large")
+    assert (group["minSize"], group["desiredCapacity"], group["maxSize"]) == (2, 2, 3)
+
+
+# --- Kubernetes schema and policy -------------------------------------------------------------
+
+
+def test_manifests_valid_for_the_cluster_version(cluster):
+    version = cluster["metadata"]["version"] + ".0"
+    result = uvx("kubernetes-validate", "--strict", "-k", version, *MANIFESTS, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed") == len(MANIFESTS), result.stdout
+
+
+def test_checkov_finds_no_failed_check():
+    args = [a for f in MANIFESTS for a in ("-f", f)]
+    result = uvx("checkov", "--skip-download", "--framework", "kubernetes", "-o", "json", *args)
+    report = json.loads(result.stdout)
+    report = report if isinstance(report, list) else [report]
+    failed = [(c["check_id"], c["resource"]) for r in report for c in r["results"]["failed_checks"]]
+    skipped = [c for r in report for c in r["results"]["skipped_checks"]]
+    assert failed == []
+    assert sum(r["summary"]["passed"] for r in report) > 50
+    # Every inline skip carries its reason.
+    assert all(len(c["check_result"].get("suppress_comment", "")) > 20 for c in skipped), skipped
+
+
+def test_yaml_is_lint_clean():
+    config = "{extends: default, rules: {line-length: {max: 120}, document-start: disable}}"
+    result = uvx("yamllint", "-s", "-d", config, "cluster-config.yaml", *MANIFESTS, timeout=120)
+    assert result.returncode == 0, result.stdout
+
+
+# --- Deployment and Service against the service itself ---------------------------------------
+
+
+def test_ports_agree_with_the_service(container):
+    service_doc = cm.manifest("service.yaml")
+    (port,) = service_doc["spec"]["ports"]
+    default_port = settings_default("port")
+    assert container["ports"][0]["containerPort"] == default_port == port["targetPort"]
+    assert {"name": "PORT", "value": str(default_port)} in container["env"]
+    assert port["port"] == 80 and service_doc["spec"]["type"] == "LoadBalancer"
+
+
+def test_probes_are_http_gets_on_real_routes(container, tmp_path):
+    probes = {p: container[p]["httpGet"] for p in ("startupProbe", "livenessProbe", "readinessProbe")}
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert probes["livenessProbe"]["path"] == "/healthz"
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    assert all(named.get(p["port"], p["port"]) == settings_default("port") for p in probes.values())
+    assert all("GET" in routes()[p["path"]] for p in probes.values())
+    # No long initial delays: the startup probe gives the slow start its time.
+    assert all(container[p].get("initialDelaySeconds", 0) == 0 for p in probes)
+    with run_service(tmp_path) as svc:
+        for probe in probes.values():
+            assert httpx.get(svc.url + probe["path"]).status_code == 200
+
+
+def test_grace_period_covers_prestop_and_a_full_request(deployment, container, tmp_path):
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    delay = settings_default("delay_seconds")
+    assert cm.service_default("delay_seconds") == delay  # the model reads the same default
+    assert pre_stop >= 5
+    assert grace >= pre_stop + delay + 5
+
+    # SIGTERM arrives after preStop: a request in flight at that moment, with the default
+    # DELAY_SECONDS, is answered and the process exits within what the grace period has left.
+    with run_service(tmp_path, DELAY_SECONDS=None) as svc:
+        answer = {}
+
+        def call() -> None:
+            answer["r"] = httpx.post(svc.url, json={"a": 10, "b": 5}, timeout=30)
+
+        client = threading.Thread(target=call)
+        client.start()
+        time.sleep(0.5)
+        stopped = time.monotonic()
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(timeout=grace) == 0
+        exit_s = time.monotonic() - stopped
+        client.join(timeout=5)
+    assert answer["r"].status_code == 200 and answer["r"].json() == {"result": 15.0}
+    assert exit_s <= grace - pre_stop
+
+
+def test_service_health_check_and_draining():
+    annotations = cm.manifest("service.yaml")["metadata"]["annotations"]
+    prefix = "service.beta.kubernetes.io/aws-load-balancer-"
+    assert annotations[prefix + "healthcheck-path"] == "/healthz" and "GET" in routes()["/healthz"]
+    # The ELB checks the node port; a container port here would point it at nothing.
+    assert prefix + "healthcheck-port" not in annotations
+    timeout, interval = (int(annotations[f"{prefix}healthcheck-{k}"]) for k in ("timeout", "interval"))
+    assert timeout < interval
+    assert annotations[prefix + "connection-draining-enabled"] == "true"
+    assert int(annotations[prefix + "connection-draining-timeout"]) > settings_default("delay_seconds")
+
+
+def test_pod_runs_restricted(deployment, container):
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001  # the image's USER
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    ctx = container["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"]["drop"] == ["ALL"]
+    tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == tmp["name"])
+
+
+def test_hpa_owns_the_replica_count_and_labels_match(deployment):
+    assert "replicas" not in deployment["spec"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert cm.manifest("service.yaml")["spec"]["selector"].items() <= labels.items()
+    assert {f"app.kubernetes.io/{k}" for k in ("name", "instance", "component", "part-of")} <= labels.keys()
+    hpa = cm.manifest("hpa.yaml")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+
+
+def test_image_is_a_placeholder_without_account_id(container):
+    image = container["image"]
+    assert image.startswith("ACCOUNT_ID.dkr.ecr.eu-west-2.amazonaws.com/my-math-service:")
+    assert not image.endswith((":latest", ":")) and container["imagePullPolicy"] == "IfNotPresent"
+    for name in ("cluster-config.yaml", *MANIFESTS, "tests/cluster_model.py"):
+        assert "040296723817" not in (ROOT / name).read_text()
+
+
+# --- Scheduling -------------------------------------------------------------------------------
+
+
+def test_t3_large_allocatable():
+    assert cm.T3_LARGE.allocatable_cpu_m == 1930
+    assert cm.T3_LARGE.allocatable_memory_mib == cm.T3_LARGE.memory_mib - (11 * 35 + 255) - 100
+
+
+def test_max_replicas_fit_on_min_nodes(cluster, deployment, kit):
+    hpa, work = kit
+    surge = deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    nodes = cluster["managedNodeGroups"][0]["minSize"]
+    # Worst placement of coredns and metrics-server, a rollout's extra pod included.
+    assert cm.app_pods_that_fit(work.requests, nodes) >= hpa.max_replicas + surge
+
+
+def test_original_requests_leave_pods_pending():
+    # The original: 1 CPU / 2 GiB per pod, 2 nodes, maxReplicas 5.
+    assert cm.app_pods_that_fit(cm.Pod("original", 1000, 2048), nodes=2) == 2
+
+
+def test_memory_sized_from_measurements(container, kit):
+    hpa, work = kit
+    m = work.measured
+    limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+    peak_10000 = m.idle_rss_mib + 10_000 * m.rss_mib_per_in_flight
+    assert cm.memory_mib(limits["memory"]) >= 1.2 * peak_10000
+    # The whole 5,000-user swarm in flight on one pod (before any scale-out) stays under the limit.
+    assert cm.memory_mib(limits["memory"]) >= 1.2 * work.pod_rss_mib(cm.in_flight(5_000, work.delay_s))
+    # The request holds a pod's share of that swarm on maxReplicas pods, with headroom.
+    share = cm.in_flight(5_000, work.delay_s) / hpa.max_replicas
+    assert cm.memory_mib(requests["memory"]) >= 1.2 * work.pod_rss_mib(share)
+
+
+# --- The HPA model itself ---------------------------------------------------------------------
+
+
+def _pods(*cpu_m: float, ready_at: float = 0) -> list[cm._Pod]:
+    return [cm._Pod(0, ready_at, scrapes=[(0, 0, 0), (15, c * 15, 0)]) for c in cpu_m]
+
+
+def test_model_follows_the_documented_algorithm():
+    # 200m used of a 100m target doubles; 50m halves; within 0.1 of the target, nothing.
+    assert cm.desired_for_metric(_pods(200, 200), 30, "cpu", 100, 100, 2)[0] == 4
+    assert cm.desired_for_metric(_pods(50, 50, 50, 50), 30, "cpu", 100, 100, 4)[0] == 2
+    assert cm.desired_for_metric(_pods(105, 105), 30, "cpu", 100, 100, 2)[0] == 2
+    # A starting pod is set aside, not taken for idle: no scale-down while it starts.
+    assert cm.desired_for_metric(_pods(100) + _pods(0, ready_at=100), 30, "cpu", 100, 100, 2)[0] == 2
+    # Utilisation is whole percent of the summed requests; usage is rounded up to 1m.
+    assert cm.desired_for_metric(_pods(1.2), 30, "cpu", 20, 100, 1) == (1, 2)
+
+
+def test_model_stabilises_scale_down(kit):
+    hpa, work = kit
+    idle = cm.simulate(hpa, work, lambda t: 0, 300, start_replicas=3)
+    first_down = next(k.t for k in idle if k.replicas < 3)
+    # The first sync records the current count; lower ones wait out the window.
+    assert first_down >= hpa.down.window_s
+    no_window_hpa = replace(hpa, down=replace(hpa.down, window_s=0))
+    no_window = cm.simulate(no_window_hpa, work, lambda t: 0, 300, start_replicas=3)
+    assert next(k.t for k in no_window if k.replicas < 3) < first_down
+
+
+# --- The HPA with the measured service --------------------------------------------------------
+
+
+def _timeline(hpa, work, users: int, run_s: int = 600, idle_s: int = 900, **kw) -> tuple[list, list]:
+    ticks = cm.simulate(hpa, work, cm.swarm(users, stop_at=run_s), run_s + idle_s, **kw)
+    return [k for k in ticks if k.t <= run_s], [k for k in ticks if k.t > run_s]
+
+
+def test_hpa_scales_on_cpu_only(kit):
+    hpa, _ = kit
+    assert hpa.targets.keys() == {"cpu"}  # no memory: idle memory would pin replicas
+    assert (hpa.min_replicas, hpa.max_replicas) == (1, 5)
+    assert hpa.up.window_s == 0 and hpa.down.window_s <= 120
+
+
+@pytest.mark.parametrize("cpu_factor", [1, 1 / SAFETY], ids=["measured", "cheaper-requests"])
+def test_demo_swarm_scales_out(kit, cpu_factor):
+    hpa, work = kit
+    m = work.measured
+    work = replace(work, measured=replace(m, cpu_ms_per_request=m.cpu_ms_per_request * cpu_factor))
+    during, _ = _timeline(hpa, work, cm.DEMO_USERS)
+    assert max(k.replicas for k in during) >= 2
+    # Scaled out within two minutes of the swarm reaching full size.
+    full = cm.DEMO_USERS / cm.SPAWN_RATE
+    assert any(k.replicas >= 2 for k in during if k.t <= full + 120)
+
+
+@pytest.mark.parametrize("idle_factor", [1, SAFETY], ids=["measured", "busier-idle"])
+def test_back_to_one_pod_within_minutes_of_the_swarm_stopping(kit, idle_factor):
+    hpa, work = kit
+    m = work.measured
+    work = replace(work, measured=replace(m, idle_cpu_m=m.idle_cpu_m * idle_factor))
+    for users in (cm.DEMO_USERS, 5_000):
+        during, after = _timeline(hpa, work, users)
+        assert max(k.replicas for k in during) >= 2
+        back = next(k.t for k in after if k.replicas == hpa.min_replicas) - during[-1].t
+        assert back <= 4 * 60
+        assert all(k.replicas == hpa.min_replicas for k in after if k.t >= during[-1].t + back)
+
+
+def test_small_swarm_and_idle_never_scale(kit):
+    hpa, work = kit
+    during, after = _timeline(hpa, work, 50)
+    assert {k.replicas for k in during + after} == {1}
+
+
+def test_5000_users_cap_at_max_replicas_all_running(kit):
+    hpa, work = kit
+    during, _ = _timeline(hpa, work, 5_000)
+    assert max(k.replicas for k in during) == hpa.max_replicas
+    assert during[-1].replicas == during[-1].ready == hpa.max_replicas  # none Pending
+
+
+def test_original_kit_is_pinned_with_pending_pods():
+    """The original hpa.yaml (2 % CPU and 4 % memory of 1 CPU / 2 GiB), 2 replicas to start."""
+    original = cm.HPA(min_replicas=1, max_replicas=5, targets={"cpu": 2, "memory": 4})
+    work = replace(cm.repo_kit()[1], requests=cm.Pod("original", 1000, 2048))
+    work = replace(work, capacity=cm.app_pods_that_fit(work.requests, work.nodes), probes_per_s=0)
+    during, after = _timeline(original, work, 5_000, idle_s=1800, start_replicas=2)
+    assert during[-1].replicas == 5 and during[-1].ready == 2  # 3 pods Pending
+    # Memory stays where the swarm left it, so the HPA never gets back to 1 pod.
+    assert min(k.replicas for k in after) >= 2
+
+
+# --- The README's table -----------------------------------------------------------------------
+
+
+def test_capacity_table_script(kit):
+    result = subprocess.run(
+        [sys.executable, str(Path(cm.__file__))], capture_output=True, text=True, timeout=120, check=True
+    )
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r.split("|")[1].replace(",", "")) for r in rows] == list(cm.TABLE_USERS)
+    hpa, work = kit
+    replicas = [int(r.split("|")[6]) for r in rows]
+    assert replicas == sorted(replicas) and replicas[-1] == hpa.max_replicas
+    demo = cm.capacity_row(hpa, work, cm.DEMO_USERS)
+    assert demo.replicas >= 2 and math.isfinite(demo.cpu_per_pod_m)
