@@ -9,11 +9,14 @@
 #   "pydantic-settings==2.16.3",
 #   "structlog==26.1.0",
 #   "prometheus-client==0.26.0",
+#   "orjson==3.13.0",
 # ]
 # ///
 """math-service: adds two numbers after a simulated long-running operation."""
 
 import asyncio
+import functools
+import gc
 import logging
 import math
 import signal
@@ -21,6 +24,7 @@ import sys
 import time
 from typing import Annotated, Any, Literal
 
+import orjson
 import structlog
 import uvicorn
 from fastapi import FastAPI, Request, Response
@@ -74,11 +78,17 @@ def configure_logging(level: str) -> None:
         )
     )
     logging.basicConfig(handlers=[handler], level=level, force=True)
-    # Our own events skip the stdlib machinery: the access log runs on every request.
+    # Our own events skip the stdlib machinery: the access log runs on every request. structlog's
+    # recipe for speed: orjson renders bytes, written straight to stdout's buffer.
     structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, *_shared, *_render],
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            *_shared,
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
+        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
         cache_logger_on_first_use=True,
     )
 
@@ -116,6 +126,12 @@ LATENCY = Histogram(
 IN_FLIGHT = Gauge("http_requests_in_flight", "HTTP requests being handled now.")
 
 
+@functools.lru_cache(maxsize=1024)
+def request_metrics(method: str, route: str, status: int) -> tuple[Counter, Histogram]:
+    # labels() takes a lock and builds the key on every call; a child, once made, never changes.
+    return REQUESTS.labels(method, route, status), LATENCY.labels(method, route)
+
+
 class AccessLog:
     """Pure ASGI middleware: one access-log line and the request metrics for every request."""
 
@@ -142,8 +158,9 @@ class AccessLog:
             duration = time.perf_counter() - start
             # The route template, never the raw path, keeps metric labels bounded.
             route = getattr(scope.get("route"), "path", "unmatched")
-            REQUESTS.labels(scope["method"], route, status).inc()
-            LATENCY.labels(scope["method"], route).observe(duration)
+            requests, latency = request_metrics(scope["method"], route, status)
+            requests.inc()
+            latency.observe(duration)
             logger.info(
                 "request",
                 method=scope["method"],
@@ -214,6 +231,9 @@ app = App(
     description="A simple API to perform basic arithmetic operations",
     version="1.0.0",
     max_body_size=settings.max_body_bytes,
+    # FastAPI's built-in OpenTelemetry checks for providers on every request; this image ships
+    # no OpenTelemetry SDK (metrics are Prometheus, logs are the JSON lines above).
+    telemetry={"tracing": False, "metrics": False, "logs": False},
 )
 app.state.ready = True
 app.add_middleware(AccessLog)
@@ -289,5 +309,13 @@ if __name__ == "__main__":
         log_config=None,  # keep the JSON logging configured above
         access_log=False,  # AccessLog writes it, as JSON
         server_header=False,
+        # Listen queue for a burst of new connections (the kernel caps it at net.core.somaxconn,
+        # 4096 by default); uvicorn's 2048 makes a burst of 5,000 wait for SYN retries.
+        backlog=4096,
     )
+    # Requests leave no cyclic garbage, but thousands in flight (each sleeping 5 s) make every
+    # collector pass walk them all: freeze what start-up built, and collect young objects less
+    # often (measured: half the CPU of a 5,000-request burst went to the collector).
+    gc.freeze()
+    gc.set_threshold(50_000)
     Server(config).run()
