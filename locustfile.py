@@ -1,0 +1,44 @@
+"""Locust load test for math-service: POST / {"a": 10, "b": 5} and check the answer.
+
+Web UI:   locust -H http://<ELB_HOSTNAME>       (no trailing slash; then open http://localhost:8089)
+Headless: locust -f locustfile.py --headless -u 100 -r 10 -t 2m -H http://<ELB_HOSTNAME>
+"""
+
+from locust import HttpUser, between, task
+
+PAYLOAD = {"a": 10, "b": 5}
+EXPECTED = {"result": 15.0}
+
+
+class MathServiceUser(HttpUser):
+    """One user: add two numbers, wait 1-2 s, repeat; now and then check liveness."""
+
+    # Think time after each response, as in the original locustfile.
+    wait_time = between(1, 2)
+
+    @task(10)
+    def add_numbers(self) -> None:
+        # catch_response: a 200 with the wrong sum must count as a failure, not a success.
+        with self.client.post("/", json=PAYLOAD, name="POST /", catch_response=True) as response:
+            if response.status_code == 0:  # no HTTP answer at all: refused, reset, timed out
+                response.failure(f"no response: {response.error!r}")
+                return
+            if response.status_code != 200:
+                response.failure(f"status {response.status_code}: {response.text[:200]}")
+                return
+            try:
+                body = response.json()
+            except ValueError:
+                response.failure(f"body is not JSON: {response.text[:200]}")
+                return
+            if body != EXPECTED:
+                response.failure(f"wrong answer: expected {EXPECTED}, got {body}")
+            else:
+                response.success()
+
+    @task(1)
+    def health(self) -> None:
+        # Never delayed: a slow /healthz under load means the event loop is starved.
+        with self.client.get("/healthz", name="GET /healthz", catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"status {response.status_code}: {response.text[:200]}")
