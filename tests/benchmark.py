@@ -1,0 +1,449 @@
+"""Benchmark: service.py against a bare-ASGI floor (tests/floor_app.py), same uvicorn, same run.
+
+Run from the repository root (Linux; needs `wrk` and `taskset`):
+
+    uv run --with-requirements service.py --with-requirements tests/requirements.txt \
+        python tests/benchmark.py [--quick]
+
+For each app it measures
+  1. start-to-ready (Popen to the first 200 on /healthz), idle RSS and idle CPU;
+  2. CPU per request and throughput at DELAY_SECONDS=0: the server pinned to core 0, wrk
+     (1 thread, 50 connections, keep-alive) pinned to core 1;
+  3. C = 5,000 and 10,000 requests opened at once at DELAY_SECONDS=5, from an epoll client
+     pinned to core 1: p50/p99 latency (connect to last byte), errors, peak RSS (VmHWM).
+It prints a markdown table, writes tests/measured.json and tests/performance.md, and replaces
+the text between <!-- benchmark:start --> and <!-- benchmark:end --> in README.md if present.
+The script installs nothing: without wrk it stops and says how to install it.
+"""
+
+import argparse
+import contextlib
+import errno
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+APPS = {"service": ROOT / "service.py", "floor": TESTS / "floor_app.py"}
+SERVER_CPU, CLIENT_CPU = "0", "1"
+TICK = os.sysconf("SC_CLK_TCK")
+BODY = b'{"a": 10, "b": 5}'
+MARKERS = ("<!-- benchmark:start -->", "<!-- benchmark:end -->")
+
+# Targets from the issue: (key, limit, relative to the floor?)
+TARGETS = {
+    "cpu_us_per_request": (4.0, True),
+    "p99_s_5000": (5.8, False),
+    "errors_5000": (0, False),
+    "errors_10000": (0, False),
+    "peak_rss_mib_10000": (160.0, False),
+    "idle_rss_mib": (60.0, False),
+    "idle_cpu_millicores": (3.0, False),
+}
+
+
+# --- /proc ------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def status_mib(pid: int, key: str) -> float:
+    """A kB field of /proc/<pid>/status (VmRSS, VmHWM) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def machine() -> str:
+    model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), platform.processor() or "unknown CPU")
+    return f"{os.cpu_count()} CPUs, {model}, Linux {platform.release()}"
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# --- Server -----------------------------------------------------------------------------------
+
+
+class Server:
+    """One app as its own Python process, pinned to SERVER_CPU, logs to a file."""
+
+    def __init__(self, name: str, delay: float, workdir: Path) -> None:
+        self.port = free_port()
+        self.log = (workdir / f"{name}-{delay}-{self.port}.log").open("w")
+        env = {**os.environ, "PORT": str(self.port), "DELAY_SECONDS": str(delay)}
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, sys.executable, str(APPS[name])],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=raise_fd_limit,
+        )
+        self.ready_s = self._wait_ready()
+
+    def _wait_ready(self) -> float:
+        deadline = self.started + 60
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"server exited {self.proc.returncode}: see {self.log.name}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    return time.perf_counter() - self.started
+            except OSError:
+                pass
+            time.sleep(0.01)
+        sys.exit(f"server not ready in 60 s: see {self.log.name}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid  # taskset execs the server: same pid
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_answer(port: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/", BODY, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    body = json.loads(response.read())
+    if response.status != 200 or body != {"result": 15.0}:
+        sys.exit(f"wrong answer from port {port}: {response.status} {body}")
+
+
+# --- Measurements -----------------------------------------------------------------------------
+
+
+def idle(server: Server, settle: float, window: float) -> dict:
+    time.sleep(settle)
+    before = cpu_seconds(server.pid)
+    time.sleep(window)
+    used = cpu_seconds(server.pid) - before
+    return {
+        "idle_cpu_millicores": round(used / window * 1000, 2),
+        "idle_rss_mib": round(status_mib(server.pid, "VmRSS"), 1),
+    }
+
+
+def throughput(server: Server, seconds: int, workdir: Path) -> dict:
+    script = workdir / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = '{BODY.decode()}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    url = f"http://127.0.0.1:{server.port}/"
+    cmd = ["taskset", "-c", CLIENT_CPU, "wrk", "-t1", "-c50", "-s", str(script), url]
+    subprocess.run([*cmd, "-d3s"], check=True, capture_output=True)  # warm-up
+    before = cpu_seconds(server.pid)
+    out = subprocess.run([*cmd, f"-d{seconds}s"], check=True, capture_output=True, text=True).stdout
+    used = cpu_seconds(server.pid) - before
+    requests, elapsed = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out).group(1, 2)
+    unit = re.search(r"\d+ requests in [\d.]+(m?s)", out).group(1)
+    elapsed_s = float(elapsed) / (1000 if unit == "ms" else 1)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    if bad or errors:
+        sys.exit(f"wrk saw errors:\n{out}")
+    return {
+        "cpu_us_per_request": round(used / int(requests) * 1e6, 1),
+        "rps": round(int(requests) / elapsed_s, 1),
+        "server_cpu_share": round(used / elapsed_s, 3),
+    }
+
+
+def hold(server: Server, concurrency: int) -> dict:
+    before = cpu_seconds(server.pid)
+    out = subprocess.run(
+        ["taskset", "-c", CLIENT_CPU, sys.executable, __file__, "_client",
+         str(server.port), str(concurrency)],
+        capture_output=True, text=True, preexec_fn=raise_fd_limit,
+    )
+    if out.returncode:
+        sys.exit(f"client failed:\n{out.stderr}")
+    result = json.loads(out.stdout)
+    c = concurrency
+    return {
+        f"p50_s_{c}": result["p50_s"],
+        f"p99_s_{c}": result["p99_s"],
+        f"max_s_{c}": result["max_s"],
+        f"errors_{c}": result["errors"],
+        f"error_kinds_{c}": result["error_kinds"],
+        f"client_burst_s_{c}": result["burst_s"],
+        f"peak_rss_mib_{c}": round(status_mib(server.pid, "VmHWM"), 1),
+        f"hold_cpu_s_{c}": round(cpu_seconds(server.pid) - before, 2),
+    }
+
+
+# --- Concurrency client (runs as its own process, pinned to CLIENT_CPU) --------------------------
+
+
+class Request:
+    """One connection carrying one POST; its latency runs from connect() to the last byte."""
+
+    def __init__(self, port: int, payload: bytes) -> None:
+        self.sock = socket.socket()
+        self.sock.setblocking(False)
+        self.start = time.perf_counter()
+        self.sock.connect_ex(("127.0.0.1", port))  # EINPROGRESS; loopback usually connects at once
+        self.payload = payload
+        self.sent = False
+        self.chunks: list[bytes] = []
+        self.result: float | str | None = None
+
+    def try_send(self) -> bool:
+        try:
+            self.sock.send(self.payload)
+        except OSError as exc:
+            # Not connected yet (full accept queue: the SYN is retried); wait for writability.
+            if exc.errno in (errno.ENOTCONN, errno.EAGAIN):
+                return False
+            self.finish(type(exc).__name__)
+            return True
+        self.sent = time.perf_counter()
+        return True
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except OSError as exc:
+            return self.finish(type(exc).__name__)
+        if data:
+            return self.chunks.append(data)
+        head, _, body = b"".join(self.chunks).partition(b"\r\n\r\n")  # Connection: close
+        if not head.startswith(b"HTTP/1.1 200"):
+            self.finish(head.split(b"\r\n", 1)[0].decode(errors="replace") or "closed without a response")
+        elif body.replace(b" ", b"") != b'{"result":15.0}':
+            self.finish("wrong body")
+        else:
+            self.finish(time.perf_counter() - self.start)
+
+    def finish(self, result: float | str) -> None:
+        self.result = result
+
+
+def client(port: int, concurrency: int, timeout: float = 120) -> dict:
+    """All requests in one tight loop, then epoll until every response is in: a Python asyncio
+    client spends ~200 µs per connection and would itself spread the burst over a second."""
+    payload = (
+        f"POST / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(BODY)}\r\nConnection: close\r\n\r\n"
+    ).encode() + BODY
+    selector = selectors.DefaultSelector()
+    requests: list[Request] = []
+    for _ in range(concurrency):
+        request = Request(port, payload)
+        requests.append(request)
+        events = selectors.EVENT_READ if request.try_send() else selectors.EVENT_WRITE
+        selector.register(request.sock, events, request)
+    burst = time.perf_counter() - requests[0].start
+    deadline = time.perf_counter() + timeout
+    while selector.get_map() and time.perf_counter() < deadline:
+        for key, events in selector.select(timeout=1):
+            request = key.data
+            if not request.sent and request.result is None:
+                if request.try_send() and request.result is None:
+                    selector.modify(request.sock, selectors.EVENT_READ, request)
+            elif events & selectors.EVENT_READ:
+                request.on_readable()
+            if request.result is not None:
+                selector.unregister(request.sock)
+                request.sock.close()
+    for request in requests:
+        if request.result is None:
+            request.finish("timeout")
+            request.sock.close()
+    latencies = sorted(r.result for r in requests if isinstance(r.result, float))
+    errors = [r.result for r in requests if isinstance(r.result, str)]
+
+    def pct(p: float) -> float | None:
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3) if latencies else None
+
+    return {
+        "p50_s": pct(0.50), "p99_s": pct(0.99), "max_s": pct(1.0),
+        "errors": len(errors), "error_kinds": {kind: errors.count(kind) for kind in set(errors)},
+        "burst_s": round(burst, 3),
+    }
+
+
+def run_client(port: int, concurrency: int) -> None:
+    raise_fd_limit()
+    print(json.dumps(client(port, concurrency)))
+
+
+# --- Report -----------------------------------------------------------------------------------
+
+
+def verdict(key: str, service: dict, floor: dict) -> tuple[str, str]:
+    if key not in TARGETS:
+        return "", ""
+    limit, relative = TARGETS[key]
+    value = service[key]
+    if relative:
+        return f"<= {limit:g}x floor", "met" if value <= limit * floor[key] else "not met"
+    return f"<= {limit:g}", "met" if value <= limit else "not met"
+
+
+ROWS = [
+    ("CPU per request at DELAY_SECONDS=0 (µs)", "cpu_us_per_request"),
+    ("Throughput on one core (req/s)", "rps"),
+    ("5,000 at once x 5 s: p50 (s)", "p50_s_5000"),
+    ("5,000 at once x 5 s: p99 (s)", "p99_s_5000"),
+    ("5,000 at once x 5 s: errors", "errors_5000"),
+    ("5,000 at once x 5 s: peak RSS (MiB)", "peak_rss_mib_5000"),
+    ("10,000 at once x 5 s: p50 (s)", "p50_s_10000"),
+    ("10,000 at once x 5 s: p99 (s)", "p99_s_10000"),
+    ("10,000 at once x 5 s: errors", "errors_10000"),
+    ("10,000 at once x 5 s: peak RSS (MiB)", "peak_rss_mib_10000"),
+    ("Idle RSS (MiB)", "idle_rss_mib"),
+    ("Idle CPU (millicores)", "idle_cpu_millicores"),
+    ("Start to ready (s)", "start_to_ready_s"),
+]
+
+
+def table(service: dict, floor: dict) -> str:
+    lines = ["| Measure | service.py | bare-ASGI floor | ratio | target | |", "|---|---:|---:|---:|---|---|"]
+    for label, key in ROWS:
+        if key not in service or key not in floor:
+            continue
+        s, f = service[key], floor[key]
+        ratio = f"{s / f:.2f}x" if isinstance(f, (int, float)) and f else ""
+        target, met = verdict(key, service, floor)
+        lines.append(f"| {label} | {s:g} | {f:g} | {ratio} | {target} | {met} |")
+    return "\n".join(lines)
+
+
+def section(measured: dict) -> str:
+    service, floor = measured["service"], measured["floor"]
+    return "\n".join([
+        f"Measured {measured['date']} on {measured['machine']} (load average "
+        f"{measured['load_average_before']} before the run; other work on the machine adds noise, "
+        "so compare the columns, which come from the same run).",
+        "",
+        table(service, floor),
+        "",
+        f"Command: `{measured['command']}`. Server pinned to core {SERVER_CPU}, load generator "
+        f"on core {CLIENT_CPU}; the floor is `tests/floor_app.py` (bare ASGI on the same uvicorn, "
+        "uvloop, httptools; no framework, validation, logging or metrics). CPU per request is the "
+        "server's user+sys CPU over the requests wrk completed (keep-alive, 50 connections). The "
+        "concurrent waves open every connection in one burst (`Connection: close`); latency runs "
+        "from connect() to the last byte; peak RSS is VmHWM of a fresh server process per wave.",
+    ])
+
+
+def write_outputs(measured: dict) -> None:
+    text = section(measured)
+    (TESTS / "measured.json").write_text(json.dumps(measured, indent=2) + "\n")
+    (TESTS / "performance.md").write_text(text + "\n")
+    readme = ROOT / "README.md"
+    if readme.exists():
+        content = readme.read_text()
+        start, end = MARKERS
+        if start in content and end in content:
+            head, rest = content.split(start, 1)
+            _, tail = rest.split(end, 1)
+            readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+    print(text)
+
+
+# --- Main -------------------------------------------------------------------------------------
+
+
+def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+    print(f"== {name}", file=sys.stderr)
+    server = Server(name, 0, workdir)
+    try:
+        check_answer(server.port)
+        result = {"start_to_ready_s": round(server.ready_s, 3)}
+        result |= idle(server, settle=args.settle, window=args.idle)
+        print(f"   idle {result}", file=sys.stderr)
+        result |= throughput(server, args.wrk, workdir)
+        print(f"   wrk {result}", file=sys.stderr)
+    finally:
+        server.stop()
+    for concurrency in args.concurrency:
+        server = Server(name, 5, workdir)  # a fresh process: peak RSS is this wave's alone
+        try:
+            result |= hold(server, concurrency)
+            print(f"   {concurrency} at once: {result}", file=sys.stderr)
+        finally:
+            server.stop()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter idle and wrk windows")
+    parser.add_argument("--apps", default="service,floor", help="comma-separated: service,floor")
+    parser.add_argument("--concurrency", default="5000,10000")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    args.settle, args.idle, args.wrk = (2, 10, 5) if args.quick else (5, 20, 10)
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+
+    if sys.platform != "linux" or not shutil.which("taskset"):
+        sys.exit("needs Linux with taskset (util-linux)")
+    if not shutil.which("wrk"):
+        sys.exit("wrk not found: install it with `apt-get install -y wrk` (Debian/Ubuntu)")
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("needs 2 CPUs: one for the server, one for the load generator")
+
+    raise_fd_limit()
+    measured = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "load_average_before": round(os.getloadavg()[0], 2),
+        "command": "uv run --with-requirements service.py --with-requirements tests/requirements.txt "
+        "python tests/benchmark.py" + (" --quick" if args.quick else ""),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for name in args.apps.split(","):
+            measured[name] = measure(name, args, Path(tmp))
+    measured["load_average_after"] = round(os.getloadavg()[0], 2)
+    if "service" in measured and "floor" in measured:
+        print(table(measured["service"], measured["floor"]))
+        if not args.no_write:
+            write_outputs(measured)
+    else:
+        print(json.dumps(measured, indent=2))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_client"]:
+        run_client(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()
