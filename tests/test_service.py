@@ -147,7 +147,7 @@ def test_no_input_produces_a_5xx(tmp_path) -> None:
              f"{s.url}/openapi.json", "--checks", "not_a_server_error",
              "--max-examples", "150", "--phases", "examples,coverage,fuzzing",
              "--seed", "1"],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
         assert not [line for line in s.logs() if line.get("status", 0) >= 500]
