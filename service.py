@@ -66,7 +66,6 @@ _shared = [
     structlog.stdlib.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]
-_render = [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
 
 
 def configure_logging(level: str) -> None:
@@ -74,7 +73,11 @@ def configure_logging(level: str) -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=_shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *_render],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.dict_tracebacks,
+                structlog.processors.JSONRenderer(separators=(",", ":")),  # compact, as orjson
+            ],
         )
     )
     logging.basicConfig(handlers=[handler], level=level, force=True)
