@@ -85,7 +85,6 @@ def configure_logging(level: str) -> None:
     # recipe for speed: orjson renders bytes, written straight to stdout's buffer.
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             *_shared,
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),

@@ -11,8 +11,8 @@ For each app it measures
      (1 thread, 50 connections, keep-alive) pinned to core 1;
   3. C = 5,000 and 10,000 requests opened at once at DELAY_SECONDS=5, from an epoll client
      pinned to core 1: p50/p99 latency (connect to last byte), errors, peak RSS (VmHWM).
-It prints a markdown table, writes tests/measured.json and tests/performance.md, and replaces
-the text between <!-- benchmark:start --> and <!-- benchmark:end --> in README.md if present.
+It prints a markdown table, writes tests/measured.json and tests/performance.md, and rewrites
+README.md's performance table and its swarm-to-replicas table (tests/cluster_model.py) from them.
 The script installs nothing: without wrk it stops and says how to install it.
 """
 
@@ -41,7 +41,6 @@ APPS = {"service": ROOT / "service.py", "floor": TESTS / "floor_app.py"}
 SERVER_CPU, CLIENT_CPU = "0", "1"
 TICK = os.sysconf("SC_CLK_TCK")
 BODY = b'{"a": 10, "b": 5}'
-MARKERS = ("<!-- benchmark:start -->", "<!-- benchmark:end -->")
 
 # Targets from the issue: (key, limit, relative to the floor?)
 TARGETS = {
@@ -365,18 +364,24 @@ def section(measured: dict) -> str:
     ])
 
 
+def replace_marked(content: str, name: str, text: str) -> str:
+    """Replace what stands between README's <!-- name:start --> and <!-- name:end --> markers."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{text}\n{end}{tail}"
+
+
 def write_outputs(measured: dict) -> None:
     text = section(measured)
     (TESTS / "measured.json").write_text(json.dumps(measured, indent=2) + "\n")
     (TESTS / "performance.md").write_text(text + "\n")
+    # The swarm-to-replicas table is computed from measured.json: refresh it with the figures.
+    import cluster_model
+
     readme = ROOT / "README.md"
-    if readme.exists():
-        content = readme.read_text()
-        start, end = MARKERS
-        if start in content and end in content:
-            head, rest = content.split(start, 1)
-            _, tail = rest.split(end, 1)
-            readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+    content = replace_marked(readme.read_text(), "benchmark", text)
+    readme.write_text(replace_marked(content, "capacity", cluster_model.capacity_table().strip()))
     print(text)
 
 
