@@ -28,11 +28,11 @@ import orjson
 import structlog
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import to_json
 from pydantic_settings import BaseSettings
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -242,14 +242,12 @@ app.add_middleware(AccessLog)
 
 
 @app.exception_handler(RequestValidationError)
-async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # The default handler echoes the input back; NaN or Infinity there is not valid JSON, and
-    # would turn a client error into a 500. Echo it as text instead.
-    errors = [
-        {**e, "input": repr(e["input"])} if isinstance(e.get("input"), float) else e
-        for e in exc.errors()
-    ]
-    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
+async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+    # Like FastAPI's default handler, but JSON has no NaN or Infinity: echoing {"a": NaN} back
+    # with the standard encoder fails, and a client error would become a 500. pydantic writes
+    # them as the strings "NaN" and "Infinity", and an error's context as its message.
+    body = to_json({"detail": exc.errors()}, inf_nan_mode="strings", serialize_unknown=True)
+    return Response(body, status_code=422, media_type="application/json")
 
 
 @app.get("/healthz")

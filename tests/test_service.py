@@ -72,6 +72,12 @@ BAD_BODIES = {
     "scalar": ("15", "body", "dictionary"),
     "empty body": ("", "body", "required"),
     "sum overflows": ('{"a": 1.7e308, "b": 1.7e308}', "body", "too large"),
+    # Errors echo the input back, and JSON has no NaN: these once answered 500.
+    "NaN with b missing": ('{"a": NaN}', "b", "required"),
+    "NaN in an array body": ("[NaN]", "body", "dictionary"),
+    "NaN nested in a": ('{"a": {"x": NaN}, "b": 1}', "a", "valid number"),
+    "Infinity in an extra field": ('{"a": 1, "b": 2, "c": [Infinity]}', "c", "not permitted"),
+    "integer too large for a float": ('{"a": 1' + "0" * 400 + ', "b": 1}', "a", "valid number"),
 }
 
 
@@ -85,6 +91,18 @@ def test_bad_input_is_a_4xx_naming_the_problem_before_the_delay(
     assert any(
         field in map(str, e["loc"]) and words.lower() in e["msg"].lower() for e in errors
     ), errors
+    assert elapsed < DELAY / 2
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 100_000 + b"]" * 100_000,  # deeper than the JSON parser recurses
+    b'{"a": ' + b"9" * 5000 + b', "b": 1}',  # more digits than Python parses into an int
+    b'{"a": "\xff", "b": 1}',  # not UTF-8
+], ids=["deeply nested", "5000 digits", "invalid UTF-8"])
+def test_unparseable_body_is_a_json_400(svc: Service, raw: bytes) -> None:
+    response, elapsed = post(svc.url, content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json() == {"detail": "There was an error parsing the body"}
     assert elapsed < DELAY / 2
 
 
