@@ -99,6 +99,14 @@ def test_performance_table_is_the_last_benchmark_run() -> None:
     assert marked("benchmark") == (ROOT / "tests/performance.md").read_text().strip()
 
 
+def test_every_test_the_readme_cites_exists() -> None:
+    cited = set(re.findall(r"\b(test_\w+)(?!\.py)\b", README))
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
+    assert cited and cited <= defined, sorted(cited - defined)
+
+
 def test_no_real_account_id_anywhere() -> None:
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout
     for path in tracked.split():
