@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +91,24 @@ def test_linters_catch_the_original_dockerfile(tmp_path: Path) -> None:
     assert "DL3008" in hadolint(original).stdout  # unpinned apt packages
     failed = {c["check_id"] for c in checkov(original)["results"]["failed_checks"]}
     assert "CKV_DOCKER_3" in failed  # runs as root
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_lock_has_a_wheel_of_every_package_for_both_platforms(arch: str) -> None:
+    """The image installs with --no-build, so a buildx build for linux/amd64 and linux/arm64
+    needs a CPython 3.11 manylinux (or pure-Python) wheel of every locked package for both CPUs."""
+    lock = tomllib.loads((ROOT / "service.py.lock").read_text())
+    missing = []
+    for package in lock["package"]:
+        wheels = [w["url"].rsplit("/", 1)[1] for w in package.get("wheels", [])]
+        if not any(
+            name.endswith("-none-any.whl")
+            or (re.search(r"-(cp311-cp311|cp3\d+-abi3)-", name) and "manylinux" in name
+                and name.endswith(f"_{arch}.whl"))
+            for name in wheels
+        ):
+            missing.append(package["name"])
+    assert missing == []
 
 
 # --- Image --------------------------------------------------------------------------------------
