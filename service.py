@@ -31,7 +31,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, Strict, ValidationError,
+    model_validator,
+)
 from pydantic_core import to_json
 from pydantic_settings import BaseSettings
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,18 +47,13 @@ class Settings(BaseSettings):
     """Read from the environment (PORT, LOGLEVEL, ...) and validated once, at start."""
 
     port: int = Field(8000, ge=1, le=65535)
-    loglevel: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    loglevel: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(str.upper)
+    ] = "INFO"
     delay_seconds: float = Field(5.0, ge=0, allow_inf_nan=False)
     # 1 MiB is far more than {"a": ..., "b": ...} ever needs, and small enough that a flood of
     # large bodies cannot exhaust the pod's memory.
     max_body_bytes: int = Field(1024 * 1024, ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _upper_loglevel(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("loglevel"), str):
-            data["loglevel"] = data["loglevel"].upper()
-        return data
 
 
 # --- Logging ----------------------------------------------------------------------------------
@@ -176,14 +174,11 @@ class AccessLog:
 # --- App --------------------------------------------------------------------------------------
 
 
-FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-
-
 class AddRequest(BaseModel):
     # Strict: "10" and true are mistakes, not numbers. NaN, Infinity and 1e999 are refused.
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"a": 10, "b": 5}]})
-    a: FiniteNumber
-    b: FiniteNumber
+    a: Annotated[FiniteFloat, Strict()]
+    b: Annotated[FiniteFloat, Strict()]
 
     @model_validator(mode="after")
     def _finite_sum(self) -> "AddRequest":
