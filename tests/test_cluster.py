@@ -297,7 +297,8 @@ def test_demo_swarm_scales_out(kit, cpu_factor):
     assert any(k.replicas >= 2 for k in during if k.t <= full + 120)
 
 
-@pytest.mark.parametrize("idle_factor", [1, SAFETY], ids=["measured", "busier-idle"])
+# busier-idle: hpa.yaml and the README say the target tolerates an idle pod 2.5x the measured one.
+@pytest.mark.parametrize("idle_factor", [1, 2.5], ids=["measured", "busier-idle"])
 def test_back_to_one_pod_within_minutes_of_the_swarm_stopping(kit, idle_factor):
     hpa, work = kit
     m = work.measured
@@ -305,7 +306,9 @@ def test_back_to_one_pod_within_minutes_of_the_swarm_stopping(kit, idle_factor):
     for users in (cm.DEMO_USERS, 5_000):
         during, after = _timeline(hpa, work, users)
         assert max(k.replicas for k in during) >= 2
-        back = next(k.t for k in after if k.replicas == hpa.min_replicas) - during[-1].t
+        back_at = next((k.t for k in after if k.replicas == hpa.min_replicas), None)
+        assert back_at is not None, f"{users} users: never back to {hpa.min_replicas} pod"
+        back = back_at - during[-1].t
         assert back <= 4 * 60
         assert all(k.replicas == hpa.min_replicas for k in after if k.t >= during[-1].t + back)
 
