@@ -17,7 +17,6 @@ The script installs nothing: without wrk it stops and says how to install it.
 """
 
 import argparse
-import contextlib
 import errno
 import datetime
 import http.client
@@ -171,8 +170,7 @@ def throughput(server: Server, seconds: int, workdir: Path) -> dict:
     before = cpu_seconds(server.pid)
     out = subprocess.run([*cmd, f"-d{seconds}s"], check=True, capture_output=True, text=True).stdout
     used = cpu_seconds(server.pid) - before
-    requests, elapsed = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out).group(1, 2)
-    unit = re.search(r"\d+ requests in [\d.]+(m?s)", out).group(1)
+    requests, elapsed, unit = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out).groups()
     elapsed_s = float(elapsed) / (1000 if unit == "ms" else 1)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)

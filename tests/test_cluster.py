@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 
 import cluster_model as cm
-from conftest import ROOT, SHARED, run_service, uvx
+from conftest import SHARED, run_service, uvx
 
 MANIFESTS = ("deployment.yaml", "service.yaml", "hpa.yaml")
 # The claims must survive figures 30 % worse than measured, in whichever direction hurts.

@@ -5,18 +5,13 @@ import subprocess
 import sys
 
 import pytest
-import yaml
-
+from cluster_model import manifest
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
 TEST_COMMAND = (
     "uv run --with-requirements service.py --with-requirements tests/requirements.txt pytest tests"
 )
-
-
-def manifest(name: str) -> dict:
-    return yaml.safe_load((ROOT / name).read_text())
 
 
 def code_blocks(lang: str) -> list[str]:
