@@ -177,6 +177,100 @@ def test_service_health_check_and_draining():
     assert int(annotations[prefix + "connection-draining-timeout"]) > settings_default("delay_seconds")
 
 
+# The Service annotations the AWS cloud provider's legacy service controller reads (the
+# `ServiceAnnotationLoadBalancer*` constants of kubernetes/cloud-provider-aws,
+# pkg/providers/v1/aws.go). An annotation not in this list is ignored without a word.
+ELB_ANNOTATIONS = frozenset(
+    "service.beta.kubernetes.io/aws-load-balancer-" + name
+    for name in (
+        "type", "internal", "proxy-protocol", "access-log-emit-interval", "access-log-enabled",
+        "access-log-s3-bucket-name", "access-log-s3-bucket-prefix", "connection-draining-enabled",
+        "connection-draining-timeout", "connection-idle-timeout",
+        "cross-zone-load-balancing-enabled", "extra-security-groups", "security-groups", "ssl-cert",
+        "ssl-ports", "ssl-negotiation-policy", "backend-protocol", "additional-resource-tags",
+        "healthcheck-protocol", "healthcheck-port", "healthcheck-path",
+        "healthcheck-healthy-threshold", "healthcheck-unhealthy-threshold", "healthcheck-timeout",
+        "healthcheck-interval", "eip-allocations", "target-node-labels", "subnets",
+    )
+)
+# Integer annotations and the Classic ELB API's valid ranges: HealthCheck (Elastic Load Balancing
+# API Reference 2012-06-01, API_HealthCheck.html) and connection draining (Classic Load Balancer
+# guide, config-conn-drain.html: 1 to 3,600 s). The provider passes them on unchecked.
+ELB_INTEGER_RANGES = {
+    "healthcheck-interval": (5, 300),
+    "healthcheck-timeout": (2, 60),
+    "healthcheck-healthy-threshold": (2, 10),
+    "healthcheck-unhealthy-threshold": (2, 10),
+    "connection-draining-timeout": (1, 3600),
+}
+
+
+def elb_annotation_errors(annotations: dict[str, str]) -> list[str]:
+    """What the AWS cloud provider or the Classic ELB API would refuse or mangle."""
+    prefix = "service.beta.kubernetes.io/aws-load-balancer-"
+    ours = {k.removeprefix(prefix): v for k, v in annotations.items() if k.startswith(prefix)}
+    errors = [f"unknown annotation {prefix}{k}" for k in ours if prefix + k not in ELB_ANNOTATIONS]
+    # ensureLoadBalancerHealthCheck (pkg/providers/v1/aws_loadbalancer.go) copies the protocol
+    # verbatim into the ELB target "PROTOCOL:PORT/path"; the ELB API knows only the upper-case
+    # names, and a lower-case one corrupts the health check (cloud-provider-aws#1181).
+    protocol = ours.get("healthcheck-protocol")
+    if protocol is not None and protocol not in {"HTTP", "HTTPS", "TCP", "SSL"}:
+        errors.append(f"healthcheck-protocol {protocol!r} is not HTTP, HTTPS, TCP or SSL")
+    for name, (low, high) in ELB_INTEGER_RANGES.items():
+        if name in ours and not (ours[name].isdigit() and low <= int(ours[name]) <= high):
+            errors.append(f"{name} {ours[name]!r} is not an integer in {low}-{high}")
+    # The ELB requires the timeout to be below the interval (defaults 5 and 10 s).
+    timeout, interval = ours.get("healthcheck-timeout", "5"), ours.get("healthcheck-interval", "10")
+    if timeout.isdigit() and interval.isdigit() and int(timeout) >= int(interval):
+        errors.append(f"healthcheck-timeout {timeout} is not below healthcheck-interval {interval}")
+    # Booleans go through Go's strconv.ParseBool; only the canonical spellings here.
+    for name in ("connection-draining-enabled", "cross-zone-load-balancing-enabled",
+                 "access-log-enabled", "internal"):
+        if name in ours and ours[name] not in {"true", "false"}:
+            errors.append(f"{name} {ours[name]!r} is not \"true\" or \"false\"")
+    if "healthcheck-path" in ours and not ours["healthcheck-path"].startswith("/"):
+        errors.append(f"healthcheck-path {ours['healthcheck-path']!r} does not start with /")
+    return errors
+
+
+# The original README's service.yaml annotations, verbatim.
+ORIGINAL_ELB_ANNOTATIONS = {
+    "service.beta.kubernetes.io/aws-load-balancer-healthcheck-protocol": "http",
+    "service.beta.kubernetes.io/aws-load-balancer-healthcheck-path": "/healthz",
+    "service.beta.kubernetes.io/aws-load-balancer-healthcheck-timeout": "6",
+    "service.beta.kubernetes.io/aws-load-balancer-healthcheck-unhealthy-threshold": "5",
+    "service.beta.kubernetes.io/aws-load-balancer-healthcheck-healthy-threshold": "3",
+    "service.beta.kubernetes.io/aws-load-balancer-healthcheck-interval": "10",
+}
+
+
+def test_elb_annotations_are_what_the_aws_provider_accepts():
+    annotations = cm.manifest("service.yaml")["metadata"]["annotations"]
+    assert any(k.startswith("service.beta.kubernetes.io/aws-load-balancer-") for k in annotations)
+    assert elb_annotation_errors(annotations) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({}, "healthcheck-protocol 'http'"),  # the original, as it was
+        ({"healthcheck-protocol": "HTTP", "healthcheck-timeout": "10"}, "not below"),
+        ({"healthcheck-protocol": "HTTP", "healthcheck-interval": "301"}, "healthcheck-interval"),
+        ({"healthcheck-protocol": "HTTP", "healthcheck-healthy-threshold": "1"}, "healthy-threshold"),
+        ({"healthcheck-protocol": "HTTP", "connection-draining-timeout": "0"}, "draining-timeout"),
+        ({"healthcheck-protocol": "HTTP", "connection-draining-enabled": "yes"}, "draining-enabled"),
+        ({"healthcheck-protocol": "HTTP", "healthcheck-intervall": "10"}, "unknown annotation"),
+    ],
+    ids=["original-lowercase-http", "timeout-not-below-interval", "interval-too-long",
+         "threshold-too-low", "draining-zero", "boolean-spelling", "misspelt-name"],
+)
+def test_elb_annotation_check_refuses_what_the_provider_would_mangle(change, error):
+    prefix = "service.beta.kubernetes.io/aws-load-balancer-"
+    annotations = ORIGINAL_ELB_ANNOTATIONS | {prefix + k: v for k, v in change.items()}
+    errors = elb_annotation_errors(annotations)
+    assert len(errors) == 1 and error in errors[0], errors
+
+
 def test_pod_runs_restricted(deployment, container):
     pod = deployment["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
