@@ -1,10 +1,12 @@
 """Locust load test for math-service: POST / {"a": 10, "b": 5} and check the answer.
 
-Web UI:   locust -H http://<ELB_HOSTNAME>       (no trailing slash; then open http://localhost:8089)
+Web UI:   locust -H http://<ELB_HOSTNAME>       (then open http://localhost:8089)
 Headless: locust -f locustfile.py --headless -u 100 -r 10 -t 2m -H http://<ELB_HOSTNAME>
+Local:    locust                                 (the default host, http://localhost:8000)
 """
 
 from locust import HttpUser, between, task
+from locust.clients import ResponseContextManager
 
 PAYLOAD = {"a": 10, "b": 5}
 EXPECTED = {"result": 15.0}
@@ -13,18 +15,20 @@ EXPECTED = {"result": 15.0}
 class MathServiceUser(HttpUser):
     """One user: add two numbers, wait 1-2 s, repeat; now and then check liveness."""
 
+    # `uv run service.py`'s address, so a local swarm needs no -H (the web UI shows it too).
+    host = "http://localhost:8000"
     # Think time after each response, as in the original locustfile.
     wait_time = between(1, 2)
+
+    def on_start(self) -> None:
+        # Paths start with "/": `-H http://host/` would otherwise send every request to "//".
+        self.client.base_url = self.client.base_url.rstrip("/")
 
     @task(10)
     def add_numbers(self) -> None:
         # catch_response: a 200 with the wrong sum must count as a failure, not a success.
         with self.client.post("/", json=PAYLOAD, name="POST /", catch_response=True) as response:
-            if response.status_code == 0:  # no HTTP answer at all: refused, reset, timed out
-                response.failure(f"no response: {response.error!r}")
-                return
-            if response.status_code != 200:
-                response.failure(f"status {response.status_code}: {response.text[:200]}")
+            if not answered_200(response):
                 return
             try:
                 body = response.json()
@@ -40,5 +44,14 @@ class MathServiceUser(HttpUser):
     def health(self) -> None:
         # Never delayed: a slow /healthz under load means the event loop is starved.
         with self.client.get("/healthz", name="GET /healthz", catch_response=True) as response:
-            if response.status_code != 200:
-                response.failure(f"status {response.status_code}: {response.text[:200]}")
+            if answered_200(response):
+                response.success()
+
+
+def answered_200(response: ResponseContextManager) -> bool:
+    """True for a 200; anything else is marked failed, with the reason locust will show."""
+    if response.status_code == 0:  # no HTTP answer at all: refused, reset, timed out
+        response.failure(f"no response: {response.error!r}")
+    elif response.status_code != 200:
+        response.failure(f"status {response.status_code}: {response.text[:200]}")
+    return response.status_code == 200

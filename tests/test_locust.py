@@ -2,6 +2,7 @@
 
 import csv
 import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_service, uvx
+from conftest import ROOT, TOOLS, free_port, run_service, uvx
 
 
 def swarm(url: str, tmp_path: Path) -> tuple[dict[str, dict], list[dict], int]:
@@ -82,3 +83,35 @@ def test_wrong_sum_fails_every_request_with_the_reason(tmp_path: Path, wrong_sum
     reasons = [row["Error"] for row in failures if row["Name"] == "POST /"]
     assert reasons and all("16.0" in reason and "15.0" in reason for reason in reasons), reasons
     assert code == 1  # locust exits 1 when any request failed
+
+
+def test_default_host_is_the_local_service() -> None:
+    # What locust does when started without -H: it builds each user with the class's own host.
+    # (No swarm here: port 8000 may be anyone's on this machine.)
+    code = (
+        "from locust.env import Environment; import locustfile; "
+        "print(locustfile.MathServiceUser(Environment()).client.base_url)"
+    )
+    result = subprocess.run(
+        ["uvx", "--quiet", "--from", TOOLS["locust"], "python", "-c", code],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.stdout.strip() == "http://localhost:8000", result.stderr
+
+
+def test_trailing_slash_in_host_is_ignored(tmp_path: Path) -> None:
+    # `-H http://host/` used to send every request to "//", which the service answers with 404.
+    with run_service(tmp_path, DELAY_SECONDS="0.2") as service:
+        stats, failures, code = swarm(service.url + "/", tmp_path)
+    assert stats["POST /"]["num_requests"] > 20
+    assert all(entry["num_failures"] == 0 for entry in stats.values()), failures
+    assert code == 0
+
+
+def test_no_response_is_a_failure_with_the_error_on_every_task(tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: every connection is refused
+    stats, failures, code = swarm(closed, tmp_path)
+    assert {"POST /", "GET /healthz"} <= {row["Name"] for row in failures}, failures
+    for row in failures:
+        assert "no response: ConnectionError(" in row["Error"], row
+    assert code == 1
