@@ -434,6 +434,40 @@ def simulate(
     return ticks
 
 
+# --- Figures the README and hpa.yaml quote ---------------------------------------------------
+
+
+def idle_reading_tolerated_m(hpa: HPA, work: Workload) -> int:
+    """The highest per-pod CPU reading, in the whole millicores the HPA rounds each container
+    up to, at which the HPA still steps from maxReplicas all the way down to minReplicas."""
+
+    def back_to_min(reading: int) -> bool:
+        n = hpa.max_replicas
+        while n > hpa.min_replicas:
+            pods = [_Pod(0, 0, scrapes=[(0, 0, 0), (15, reading * 15, 0)]) for _ in range(n)]
+            desired, _ = desired_for_metric(pods, 30, "cpu", hpa.targets["cpu"], work.requests.cpu_m, n)
+            if desired >= n:
+                return False
+            n = desired
+        return True
+
+    return max(itertools.takewhile(back_to_min, itertools.count())) if back_to_min(0) else -1
+
+
+def idle_cpu_tolerated_m(hpa: HPA, work: Workload) -> float:
+    """The service's own idle CPU that still lets the HPA return to minReplicas: the tolerated
+    reading less what probes and ELB health checks add to each pod on the way down."""
+    checks = work.pod_cpu_m(work.elb_checks_per_s() / (hpa.min_replicas + 1)) - work.measured.idle_cpu_m
+    return idle_reading_tolerated_m(hpa, work) - checks
+
+
+def back_to_min_range_s(hpa: HPA, work: Workload, users: tuple[int, ...] = TABLE_USERS) -> tuple[int, int]:
+    """Fastest and slowest return to minReplicas after the swarm stops, over the swarms of the
+    capacity table that scaled out at all."""
+    backs = [row.back_to_min_s for row in (capacity_row(hpa, work, u) for u in users) if row.back_to_min_s]
+    return min(backs), max(backs)
+
+
 # --- Scenarios --------------------------------------------------------------------------------
 
 SPAWN_RATE = 10  # users per second, as the README suggests in locust's start form

@@ -391,12 +391,16 @@ def test_demo_swarm_scales_out(kit, cpu_factor):
     assert any(k.replicas >= 2 for k in during if k.t <= full + 120)
 
 
-# busier-idle: hpa.yaml and the README say the target tolerates an idle pod 2.5x the measured one.
-@pytest.mark.parametrize("idle_factor", [1, 2.5], ids=["measured", "busier-idle"])
-def test_back_to_one_pod_within_minutes_of_the_swarm_stopping(kit, idle_factor):
+def _with_idle(work, idle_cpu_m: float):
+    return replace(work, measured=replace(work.measured, idle_cpu_m=idle_cpu_m))
+
+
+# tolerated-idle: the busiest idle pod hpa.yaml and the README say the target still tolerates.
+@pytest.mark.parametrize("idle", ["measured", "tolerated-idle"])
+def test_back_to_one_pod_within_minutes_of_the_swarm_stopping(kit, idle):
     hpa, work = kit
-    m = work.measured
-    work = replace(work, measured=replace(m, idle_cpu_m=m.idle_cpu_m * idle_factor))
+    if idle == "tolerated-idle":
+        work = _with_idle(work, cm.idle_cpu_tolerated_m(hpa, work))
     for users in (cm.DEMO_USERS, 5_000):
         during, after = _timeline(hpa, work, users)
         assert max(k.replicas for k in during) >= 2
@@ -405,6 +409,27 @@ def test_back_to_one_pod_within_minutes_of_the_swarm_stopping(kit, idle_factor):
         back = back_at - during[-1].t
         assert back <= 4 * 60
         assert all(k.replicas == hpa.min_replicas for k in after if k.t >= during[-1].t + back)
+
+
+def test_idle_tolerance_is_the_highest_one(kit):
+    hpa, work = kit
+    # The HPA reads each container's CPU rounded up to whole millicores and truncates the
+    # utilization to whole percent: from 2 pods, 6m reads as 6 % and ceil(2 x 6 / 12) = 1.
+    assert cm.idle_reading_tolerated_m(hpa, work) == 6
+    assert cm.idle_cpu_tolerated_m(hpa, work) > 2 * work.measured.idle_cpu_m
+    # A little busier and the first idle reading is 7m: 2 pods for ever.
+    busier = _with_idle(work, cm.idle_cpu_tolerated_m(hpa, work) + 0.2)
+    _, after = _timeline(hpa, busier, 5_000)
+    assert min(k.replicas for k in after) == 2
+
+
+def test_scale_down_range_is_the_tables(kit):
+    hpa, work = kit
+    low, high = cm.back_to_min_range_s(hpa, work)
+    # One 60 s window when the first idle reading already asks for 1 pod; a second one when it
+    # asks for 2 first (from 5 pods). Both within the 15 s syncs and scrapes that follow.
+    assert hpa.down.window_s <= low < hpa.down.window_s + 2 * cm.SYNC_PERIOD_S
+    assert 2 * hpa.down.window_s <= high < 2 * hpa.down.window_s + 2 * cm.SYNC_PERIOD_S
 
 
 def test_small_swarm_and_idle_never_scale(kit):

@@ -1,9 +1,11 @@
 """The README is followed command by command: what it names must exist and match."""
 
+import math
 import re
 import subprocess
 import sys
 
+import cluster_model as cm
 import pytest
 from cluster_model import manifest
 from conftest import ROOT
@@ -109,3 +111,68 @@ def test_no_real_account_id_anywhere() -> None:
         # An AWS account id is 12 digits; in an ECR host or an ARN it sits before ".dkr.ecr."
         # or after the region.
         assert not re.search(r"\b\d{12}\.dkr\.ecr\.|:[a-z]{2}-[a-z]+-\d:\d{12}:", text), path
+
+
+def prose_values(text: str, patterns: list[str]) -> list[int]:
+    return [int(v) for p in patterns for v in re.findall(p, text)]
+
+
+# How the README names each manifest value in its own words. A pattern that stops matching
+# fails the test below (each must find something), so a reworded sentence is noticed.
+PROSE = {
+    "HPA CPU target %": (
+        lambda hpa, dep: hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"],
+        [r"(\d+)\s?%\s+(?:CPU\s+)?target\b", r"\btarget(?:\s+of)?\s+(\d+)\s?%",
+         r"(?:\d+%|<unknown>)/(\d+)%", r"\b(\d+)\s?% of the \d+m (?:CPU )?request"],
+    ),
+    "preStop seconds": (
+        lambda hpa, dep: dep["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"],
+        [r"preStop(?:\.sleep\.seconds:| sleep)\s*(\d+)", r"\b(\d+)\s?s preStop"],
+    ),
+    "grace period seconds": (
+        lambda hpa, dep: dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+        [r"terminationGracePeriodSeconds:\s*(\d+)", r"grace period (?:of )?(\d+)\s?s\b"],
+    ),
+    "minReplicas": (
+        lambda hpa, dep: hpa["spec"]["minReplicas"],
+        [r"minReplicas:\s*(\d+)", r"between (\d+) and \d+(?: pods)?\b", r"\breplicas (\d+)\.\.\d+"],
+    ),
+    "maxReplicas": (
+        lambda hpa, dep: hpa["spec"]["maxReplicas"],
+        [r"maxReplicas:\s*(\d+)", r"between \d+ and (\d+)(?: pods)?\b", r"\breplicas \d+\.\.(\d+)",
+         r"\ball (\d+) replicas the HPA"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PROSE)
+def test_prose_numbers_are_the_manifests(name: str) -> None:
+    """The README's own words (the manifests it shows are compared whole elsewhere)."""
+    value, patterns = PROSE[name]
+    expected = value(manifest("hpa.yaml"), manifest("deployment.yaml"))
+    prose = re.sub(r"^```yaml\n.*?^```", "", README, flags=re.S | re.M)
+    for pattern in patterns:
+        found = prose_values(prose, [pattern])
+        assert found, f"{name}: nothing in the README matches {pattern!r} any more"
+        assert set(found) == {expected}, f"{name}: the README says {found}, the manifest {expected}"
+
+
+def floor1(x: float) -> float:
+    return math.floor(x * 10) / 10
+
+
+def test_scale_down_and_idle_figures_are_the_models() -> None:
+    hpa, work = cm.repo_kit()
+    back = cm.back_to_min_range_s(hpa, work)
+    reading, idle = cm.idle_reading_tolerated_m(hpa, work), cm.idle_cpu_tolerated_m(hpa, work)
+    ratio = floor1(idle / work.measured.idle_cpu_m)
+    for path in ("README.md", "hpa.yaml"):
+        # One line per sentence: undo the wrapping of YAML comments.
+        text = re.sub(r"\s*\n\s*#?\s*", " ", (ROOT / path).read_text())
+        timings = re.findall(r"(\d+) to (\d+) s after the swarm stops", text)
+        assert timings and {(int(a), int(b)) for a, b in timings} == {back}, (path, timings, back)
+        assert not re.search(r"(?:minutes|within minutes) (?:after|of) the swarm stop", text), path
+        tolerated = re.findall(r"up to (\d+)m as the HPA reads it \(([\d.]+)m of the service's own idle CPU", text)
+        assert tolerated and set(tolerated) == {(str(reading), f"{floor1(idle):g}")}, (path, tolerated)
+        ratios = re.findall(r"([\d.]+)(?:x| times) the measured", text)
+        assert ratios and set(ratios) == {f"{ratio:g}"}, (path, ratios)
