@@ -400,10 +400,9 @@ def latency_chart(measured: dict, concurrency: int = 5_000) -> Figure:
             cdf.plot(quantiles[p], p, "o", color=color)
             cdf.annotate(f"p{p} {quantiles[p]:.2f} s", (quantiles[p], p), xytext=offset,
                          textcoords="offset points", ha=side, color=color)
-    limit = TARGETS[f"p99_s_{concurrency}"][0] if f"p99_s_{concurrency}" in TARGETS else None
     cdf.axvline(5, color="0.4", ls=":", lw=1.5, label="the 5 s sleep")
-    if limit is not None:
-        cdf.axvline(limit, color="C3", ls=":", lw=1.5, label=f"p99 target {limit:g} s")
+    if target := TARGETS.get(f"p99_s_{concurrency}"):
+        cdf.axvline(target[0], color="C3", ls=":", lw=1.5, label=f"p99 target {target[0]:g} s")
     cdf.set_title("latency at DELAY_SECONDS=5 (epoll client)", fontsize=11)
     cdf.set_xlabel("latency, connect() to last byte (s)")
     cdf.set_ylabel("requests answered within (%)")
