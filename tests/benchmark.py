@@ -11,10 +11,14 @@ For each app it measures
      (1 thread, 50 connections, keep-alive) pinned to core 1;
   3. C = 5,000 and 10,000 requests opened at once at DELAY_SECONDS=5, from an epoll client
      pinned to core 1: p50/p99 latency (connect to last byte), errors, peak RSS (VmHWM).
-It prints a markdown table, writes tests/measured.json and tests/performance.md, and rewrites
-README.md's performance table and its swarm-to-replicas table (tests/cluster_model.py) from them.
+It prints a markdown table, writes tests/measured.json and tests/performance.md, draws
+docs/latency.svg (the 5,000-at-once latency distribution), and rewrites README.md's performance
+table, its swarm-to-replicas table and the model's charts (tests/cluster_model.py) from them.
+`--redraw` does all that again from tests/measured.json without measuring.
 The script installs nothing: without wrk it stops and says how to install it.
 """
+
+from __future__ import annotations
 
 import argparse
 import errno
@@ -33,6 +37,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -196,6 +204,7 @@ def hold(server: Server, concurrency: int) -> dict:
     c = concurrency
     return {
         f"p50_s_{c}": result["p50_s"],
+        f"latency_quantiles_s_{c}": result["quantiles_s"],
         f"p99_s_{c}": result["p99_s"],
         f"max_s_{c}": result["max_s"],
         f"errors_{c}": result["errors"],
@@ -292,6 +301,7 @@ def client(port: int, concurrency: int, timeout: float = 120) -> dict:
 
     return {
         "p50_s": pct(0.50), "p99_s": pct(0.99), "max_s": pct(1.0),
+        "quantiles_s": [pct(q / 100) for q in range(101)],  # 0 % to 100 %: the chart's CDF
         "errors": len(errors), "error_kinds": {kind: errors.count(kind) for kind in set(errors)},
         "burst_s": round(burst, 3),
     }
@@ -370,16 +380,64 @@ def replace_marked(content: str, name: str, text: str) -> str:
     return f"{head}{start}\n{text}\n{end}{tail}"
 
 
+def latency_chart(measured: dict, concurrency: int = 5_000) -> Figure:
+    """The burst's latency distribution, service against floor, and CPU per request as bars."""
+    from matplotlib.figure import Figure
+
+    apps = {"service": ("service.py", "C0", "-"), "floor": ("bare-ASGI floor", "C1", "--")}
+    fig = Figure(figsize=(10, 4.8))
+    cdf, bars = fig.subplots(1, 2, width_ratios=(3, 1), gridspec_kw=LATENCY_MARGINS)
+    fig.suptitle(
+        f"{concurrency:,} requests at once: service.py against the bare-ASGI floor, "
+        f"same run ({measured['date']})",
+        fontsize=13,
+    )
+    percent = range(101)
+    for key, (label, color, style) in apps.items():
+        quantiles = measured[key][f"latency_quantiles_s_{concurrency}"]
+        cdf.plot(quantiles, percent, color=color, ls=style, lw=2, label=label)
+        for p, offset, side in ((50, (6, -14), "left"), (99, (-8, 4), "right")):
+            cdf.plot(quantiles[p], p, "o", color=color)
+            cdf.annotate(f"p{p} {quantiles[p]:.2f} s", (quantiles[p], p), xytext=offset,
+                         textcoords="offset points", ha=side, color=color)
+    cdf.axvline(5, color="0.4", ls=":", lw=1.5, label="the 5 s sleep")
+    if target := TARGETS.get(f"p99_s_{concurrency}"):
+        cdf.axvline(target[0], color="C3", ls=":", lw=1.5, label=f"p99 target {target[0]:g} s")
+    cdf.set_title("latency at DELAY_SECONDS=5 (epoll client)", fontsize=11)
+    cdf.set_xlabel("latency, connect() to last byte (s)")
+    cdf.set_ylabel("requests answered within (%)")
+    cdf.set_ylim(0, 105)
+    cdf.legend(loc="lower right")
+
+    cpu = [measured[key]["cpu_us_per_request"] for key in apps]
+    bars.bar(list(apps), cpu, color=[color for _, color, _ in apps.values()])
+    for i, value in enumerate(cpu):
+        bars.annotate(f"{value:g}", (i, value), xytext=(0, 3), textcoords="offset points", ha="center")
+    relative = TARGETS["cpu_us_per_request"][0]
+    bars.axhline(relative * cpu[1], color="C3", ls=":", lw=1.5, label=f"target {relative:g}x floor")
+    bars.set_ylabel("CPU per request (µs)")
+    bars.set_title("CPU at DELAY_SECONDS=0", fontsize=11)
+    bars.set_ylim(0, max(cpu + [relative * cpu[1]]) * 1.2)
+    bars.legend(loc="upper right")
+    return fig
+
+
+# Fixed margins, so that the layout (and the SVG's ids) do not depend on a layout solver.
+LATENCY_MARGINS = {"left": 0.07, "right": 0.98, "top": 0.86, "bottom": 0.12, "wspace": 0.3}
+
+
 def write_outputs(measured: dict) -> None:
     text = section(measured)
     (TESTS / "measured.json").write_text(json.dumps(measured, indent=2) + "\n")
     (TESTS / "performance.md").write_text(text + "\n")
-    # The swarm-to-replicas table is computed from measured.json: refresh it with the figures.
+    # The swarm-to-replicas table and charts are computed from measured.json: refresh them too.
     import cluster_model
 
     readme = ROOT / "README.md"
     content = replace_marked(readme.read_text(), "benchmark", text)
     readme.write_text(replace_marked(content, "capacity", cluster_model.capacity_table().strip()))
+    cluster_model.draw_svg(cluster_model.DOCS / "latency.svg", latency_chart, measured)
+    cluster_model.write_charts()
     print(text)
 
 
@@ -414,7 +472,10 @@ def main() -> None:
     parser.add_argument("--apps", default="service,floor", help="comma-separated: service,floor")
     parser.add_argument("--concurrency", default="5000,10000")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--redraw", action="store_true", help="rewrite the outputs from measured.json")
     args = parser.parse_args()
+    if args.redraw:
+        return write_outputs(json.loads((TESTS / "measured.json").read_text()))
     args.settle, args.idle, args.wrk = (2, 10, 5) if args.quick else (5, 20, 10)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
 

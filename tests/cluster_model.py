@@ -1,10 +1,11 @@
 # /// script
 # requires-python = ">=3.11"
-# dependencies = ["pyyaml==6.0.4"]
+# dependencies = ["pyyaml==6.0.4", "matplotlib==3.11.2"]
 # ///
 """The cluster kit as a model: where the scheduler can put the pods, and what the HPA does.
 
     python tests/cluster_model.py    # prints README.md's capacity table (or: uv run tests/cluster_model.py)
+                                     # and redraws docs/demo-timeline.svg and docs/capacity.svg
 
 No cluster is reachable from here, so the claims the README makes about EKS are computed: EKS's
 node-allocatable formula and the system pods' requests for the scheduler, the HPA controller's
@@ -19,11 +20,16 @@ import ast
 import itertools
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parent.parent
 MEASURED = Path(__file__).resolve().parent / "measured.json"
@@ -543,5 +549,153 @@ def capacity_table(users: tuple[int, ...] = TABLE_USERS) -> str:
     return "\n".join(lines)
 
 
+# --- Charts -----------------------------------------------------------------------------------
+# The demo swarm over time and the capacity table as pictures, for the README (docs/*.svg).
+# matplotlib is imported only here: the model itself does not need it.
+
+DOCS = ROOT / "docs"
+DEMO_RUN_S = 300  # the demo swarm runs five minutes, then every user stops
+DEMO_AFTER_S = 240  # and the chart follows the HPA four minutes more
+CAPACITY_USERS = range(50, 5_001, 50)
+
+# The same bytes from every run with the pinned matplotlib: its defaults whatever the local
+# matplotlibrc says, text as text (not outlines of whichever fonts are installed), element ids
+# from a fixed salt, a fixed size, and no date in the metadata (draw_svg).
+CHART_STYLE = {
+    "svg.fonttype": "none",
+    "svg.hashsalt": "math-service",
+    "figure.dpi": 100,
+    "font.size": 11,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "legend.framealpha": 0.9,
+}
+# Fixed margins (fractions of the figure), not constrained layout: its solver's last bits vary
+# with PYTHONHASHSEED, and so would the clip-path ids derived from them.
+DEMO_MARGINS = {"left": 0.08, "right": 0.92, "top": 0.94, "bottom": 0.07, "hspace": 0.08}
+CAPACITY_MARGINS = {"left": 0.08, "right": 0.97, "top": 0.91, "bottom": 0.13}
+
+
+def draw_svg(path: Path, draw: Callable[..., Figure], *args) -> Path:
+    """Draw a chart in CHART_STYLE and write it to `path` as SVG."""
+    import matplotlib.style
+
+    with matplotlib.style.context(["default", CHART_STYLE]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draw(*args).savefig(path, format="svg", metadata={"Date": None})
+    return path
+
+
+def demo_chart(hpa: HPA, work: Workload) -> Figure:
+    """The demo swarm against the HPA: users, replicas, and the CPU the HPA acts on."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator, MultipleLocator
+
+    users = swarm(DEMO_USERS, stop_at=DEMO_RUN_S)
+    start = Tick(0, users(0), hpa.min_replicas, hpa.min_replicas, {})
+    ticks = [start, *simulate(hpa, work, users, DEMO_RUN_S + DEMO_AFTER_S, hpa.min_replicas)]
+    syncs = [k.t for k in ticks]
+    back = next((k.t for k in ticks if k.t > DEMO_RUN_S and k.replicas == hpa.min_replicas), None)
+    target = hpa.targets["cpu"]
+
+    fig = Figure(figsize=(10, 8.5))
+    top, pods, cpu = fig.subplots(3, 1, sharex=True, height_ratios=(2, 3, 3), gridspec_kw=DEMO_MARGINS)
+    fig.suptitle(
+        f"The demo swarm, modelled: {DEMO_USERS:,} locust users spawned at {SPAWN_RATE}/s, "
+        f"stopped after {DEMO_RUN_S // 60} minutes",
+        fontsize=13,
+    )
+
+    seconds = range(DEMO_RUN_S + DEMO_AFTER_S + 1)
+    top.plot(seconds, [users(t) for t in seconds], lw=2, label="locust users")
+    top.annotate(
+        f"{DEMO_USERS:,} users ≈ {request_rate(DEMO_USERS, work.delay_s):.0f} requests/s",
+        (DEMO_USERS / SPAWN_RATE, DEMO_USERS), xytext=(8, -16), textcoords="offset points",
+    )
+    top.set_ylabel("users")
+    top.set_ylim(0, DEMO_USERS * 1.25)
+    top.legend(loc="center right")
+
+    pods.step(syncs, [k.replicas for k in ticks], where="post", lw=2.5, label="desired (spec.replicas)")
+    pods.step(syncs, [k.ready for k in ticks], where="post", lw=2, ls="--", label="ready (at each sync)")
+    for before, k in itertools.pairwise(ticks):
+        if k.replicas > before.replicas:
+            pods.annotate(f"{k.replicas} at {k.t} s", (k.t, k.replicas), xytext=(-4, 6),
+                          textcoords="offset points", ha="right")
+    pods.axhline(hpa.max_replicas, color="0.4", lw=1)
+    pods.text(seconds[-1], hpa.max_replicas, f"maxReplicas {hpa.max_replicas} ", ha="right", va="bottom")
+    pods.set_ylabel("replicas")
+    pods.set_ylim(0, hpa.max_replicas + 1)
+    pods.yaxis.set_major_locator(MaxNLocator(integer=True))
+    pods.legend(loc="center right")
+
+    utilization = [math.nan if k.utilization.get("cpu") is None else k.utilization["cpu"] for k in ticks]
+    cpu.step(syncs, utilization, where="post", lw=2.5, label="pods' average, as the HPA reads it")
+    cpu.axhline(target, color="C3", lw=1.5, label=f"target {target} % (hpa.yaml)")
+    cpu.axhspan(target * (1 - TOLERANCE), target * (1 + TOLERANCE), color="C3", alpha=0.15,
+                label=f"within {TOLERANCE:.0%} of the target: no change")
+    cpu.set_ylabel("CPU, % of the pod's request")
+    cpu.set_ylim(0, max(filter(math.isfinite, utilization), default=target) * 1.3)
+    request_m = work.requests.cpu_m
+    cpu.secondary_yaxis(
+        "right", functions=(lambda p: p * request_m / 100, lambda m: m * 100 / request_m)
+    ).set_ylabel("millicores per pod")
+    cpu.legend(loc="upper right")
+    cpu.set_xlabel("time since the swarm started (s)")
+    cpu.xaxis.set_major_locator(MultipleLocator(60))
+    cpu.set_xlim(0, seconds[-1])
+
+    marks = [(DEMO_RUN_S, "0.2", f"swarm stops: {DEMO_RUN_S} s ", "right")]
+    if back is not None:
+        marks.append((back, "C2", f" back to {hpa.min_replicas} pod: {back} s", "left"))
+    for t, color, label, side in marks:
+        for ax in (top, pods, cpu):
+            ax.axvline(t, color=color, ls=":", lw=1.5)
+        top.text(t, 0.97, label, transform=top.get_xaxis_transform(), ha=side, va="top", color=color)
+    return fig
+
+
+def capacity_chart(hpa: HPA, work: Workload) -> Figure:
+    """Swarm size -> replicas once the swarm has run 15 minutes: the capacity table's curve."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    curve = [capacity_row(hpa, work, u) for u in CAPACITY_USERS]
+    table = [capacity_row(hpa, work, u) for u in TABLE_USERS]
+    demo = next(r for r in table + curve if r.users == DEMO_USERS)
+
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots(gridspec_kw=CAPACITY_MARGINS)
+    ax.set_title(f"Swarm size → replicas, modelled (HPA target {hpa.targets['cpu']} % CPU)")
+    ax.step([r.users for r in curve], [r.replicas for r in curve], where="mid", lw=2,
+            label=f"model, every {CAPACITY_USERS.step} users")
+    ax.plot([r.users for r in table], [r.replicas for r in table], "o", ms=7, label="README table rows")
+    ax.annotate(f"demo: {demo.users:,} users → {demo.replicas}", (demo.users, demo.replicas),
+                xytext=(10, -18), textcoords="offset points")
+    ax.axhline(hpa.max_replicas, color="0.4", lw=1)
+    ax.text(0, hpa.max_replicas, f" maxReplicas {hpa.max_replicas} (hpa.yaml)", va="bottom")
+    ax.set_xlabel(f"locust users (spawned at {SPAWN_RATE}/s, after 15 minutes)")
+    ax.set_ylabel("replicas")
+    ax.set_xlim(0, CAPACITY_USERS.stop * 1.04)
+    ax.set_ylim(0, hpa.max_replicas + 1)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="lower right")
+    return fig
+
+
+def write_charts(directory: Path = DOCS) -> list[Path]:
+    hpa, work = repo_kit()
+    return [
+        draw_svg(directory / "demo-timeline.svg", demo_chart, hpa, work),
+        draw_svg(directory / "capacity.svg", capacity_chart, hpa, work),
+    ]
+
+
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print README.md's capacity table, redraw the charts.")
+    parser.add_argument("--charts", type=Path, default=DOCS, help="directory for the SVGs (default: docs/)")
     print(capacity_table())
+    for path in write_charts(parser.parse_args().charts):
+        print(f"wrote {path}", file=sys.stderr)

@@ -459,9 +459,10 @@ def test_original_kit_is_pinned_with_pending_pods():
 # --- The README's table -----------------------------------------------------------------------
 
 
-def test_capacity_table_script(kit):
+def test_capacity_table_script(kit, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(Path(cm.__file__))], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, str(Path(cm.__file__)), "--charts", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=True,
     )
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(r.split("|")[1].replace(",", "")) for r in rows] == list(cm.TABLE_USERS)

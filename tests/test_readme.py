@@ -1,9 +1,11 @@
 """The README is followed command by command: what it names must exist and match."""
 
+import json
 import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import cluster_model as cm
 import pytest
@@ -85,15 +87,49 @@ def marked(name: str) -> str:
     return re.search(rf"<!-- {name}:start -->\n(.*?)\n<!-- {name}:end -->", README, re.S).group(1)
 
 
-def test_capacity_table_is_the_models_current_output() -> None:
-    model = subprocess.run([sys.executable, "tests/cluster_model.py"], cwd=ROOT,
-                           capture_output=True, text=True, check=True, timeout=120)
-    assert marked("capacity") == model.stdout.strip()
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple[str, Path]:
+    """tests/cluster_model.py's table, and its charts drawn aside (not over docs/)."""
+    charts = tmp_path_factory.mktemp("charts")
+    run = subprocess.run([sys.executable, "tests/cluster_model.py", "--charts", str(charts)], cwd=ROOT,
+                         capture_output=True, text=True, check=True, timeout=120)
+    return run.stdout.strip(), charts
+
+
+def test_capacity_table_is_the_models_current_output(model) -> None:
+    assert marked("capacity") == model[0]
+
+
+def chart_caption(name: str) -> str:
+    """The README's image of docs/<name>, and the caption line under it."""
+    shown = re.search(rf"^!\[[^\]]+\]\(docs/{re.escape(name)}\)\n\n(\*.+\*)$", README, re.M)
+    assert shown, f"README does not show docs/{name} with a caption"
+    return shown.group(1)
+
+
+@pytest.mark.parametrize("name", ["demo-timeline.svg", "capacity.svg"])
+def test_charts_are_what_the_model_draws_now(model, name: str) -> None:
+    # Byte for byte: the drawing is deterministic (cluster_model.CHART_STYLE).
+    same = (model[1] / name).read_bytes() == (ROOT / "docs" / name).read_bytes()
+    assert same, f"docs/{name} is not what the model draws now: redraw it with tests/cluster_model.py"
+    assert "tests/cluster_model.py" in chart_caption(name)
 
 
 def test_performance_table_is_the_last_benchmark_run() -> None:
     # benchmark.py writes measured.json, performance.md and this section from one run.
     assert marked("benchmark") == (ROOT / "tests/performance.md").read_text().strip()
+
+
+def test_latency_chart_is_the_last_benchmark_run(tmp_path) -> None:
+    # Drawn by benchmark.py from the measured.json of the same run; only the benchmark redraws it.
+    import benchmark
+    import cluster_model
+
+    measured = json.loads((ROOT / "tests/measured.json").read_text())
+    drawn = cluster_model.draw_svg(tmp_path / "latency.svg", benchmark.latency_chart, measured)
+    same = drawn.read_bytes() == (ROOT / "docs/latency.svg").read_bytes()
+    assert same, "docs/latency.svg is not drawn from tests/measured.json: rerun tests/benchmark.py"
+    assert "tests/benchmark.py" in chart_caption("latency.svg")
 
 
 def test_every_test_the_readme_cites_exists() -> None:
