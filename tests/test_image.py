@@ -117,7 +117,9 @@ class Engine:
 
     command: str
 
-    def __call__(self, *args: str, check: bool = True, timeout: float = 60):
+    def __call__(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
             [self.command, *args], capture_output=True, text=True, timeout=timeout, check=check
         )
@@ -240,7 +242,7 @@ def test_runs_as_a_fixed_non_root_uid_with_python_as_pid_1(
     engine: Engine, locked_down: Container
 ) -> None:
     status = engine("exec", locked_down.name, "cat", "/proc/1/status").stdout
-    ids = dict(line.split(":", 1) for line in status.splitlines() if line.startswith(("Uid", "Gid")))
+    ids = dict(line.split(":", 1) for line in status.splitlines() if line[:3] in ("Uid", "Gid"))
     assert ids["Uid"].split() == ids["Gid"].split() == ["10001"] * 4  # real, effective, saved, fs
     cmdline = engine("exec", locked_down.name, "cat", "/proc/1/cmdline").stdout
     assert cmdline.split("\0")[:2] == ["python", "service.py"]  # exec form: no shell, no uv
