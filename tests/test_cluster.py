@@ -7,6 +7,8 @@ period are checked against the real service.
 
 import json
 import math
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import jsonschema
 import pytest
 
 import cluster_model as cm
-from conftest import SHARED, run_service, uvx
+from conftest import note_source, run_service, uvx
 
 MANIFESTS = ("deployment.yaml", "service.yaml", "hpa.yaml")
 # The claims must survive figures 30 % worse than measured, in whichever direction hurts.
@@ -62,11 +64,24 @@ def settings_default(name: str):
 # --- Cluster config ---------------------------------------------------------------------------
 
 
-def test_cluster_config_valid_for_eksctl(cluster):
-    schema_path = SHARED / "schemas" / "eksctl-clusterconfig-v1alpha5.json"
-    if not schema_path.exists():
-        pytest.skip(f"{schema_path} is absent: the eksctl schema lives outside the repository")
-    jsonschema.Draft7Validator(json.loads(schema_path.read_text())).validate(cluster)
+def eksctl_schema(config: pytest.Config) -> dict:
+    """ClusterConfig's JSON schema from the operator's own eksctl (`eksctl utils schema` prints
+    it: pkg/ctl/utils/schema.go), else from the file EKSCTL_SCHEMA names."""
+    if shutil.which("eksctl"):
+        text = subprocess.check_output(["eksctl", "utils", "schema"], text=True, timeout=60)
+        version = subprocess.check_output(["eksctl", "version"], text=True, timeout=60).strip()
+        source = f"eksctl {version} (`eksctl utils schema`)"
+    elif path := os.environ.get("EKSCTL_SCHEMA"):
+        text, source = Path(path).read_text(), f"EKSCTL_SCHEMA={path}"
+    else:
+        pytest.skip("no eksctl; set EKSCTL_SCHEMA to the output of `eksctl utils schema`")
+    note_source(config, "eksctl schema", source)
+    return json.loads(text)
+
+
+def test_cluster_config_valid_for_eksctl(cluster, pytestconfig):
+    # The validator is the one the schema's "$schema" names (draft 7 for eksctl's).
+    jsonschema.validate(cluster, eksctl_schema(pytestconfig))
 
 
 def test_cluster_config_is_creatable_and_as_documented(cluster):

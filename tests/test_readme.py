@@ -10,7 +10,7 @@ from pathlib import Path
 import cluster_model as cm
 import pytest
 from cluster_model import manifest
-from conftest import ROOT
+from conftest import ROOT, project_files
 
 README = (ROOT / "README.md").read_text()
 TEST_COMMAND = (
@@ -28,8 +28,7 @@ def test_every_file_in_the_project_structure_exists() -> None:
     assert {"service.py", "Dockerfile", "deployment.yaml", "locustfile.py"} <= set(names)
     for name in names:
         assert (ROOT / name).exists(), f"README lists {name}, which is not in the repository"
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout
-    top_level = {path.split("/")[0] for path in tracked.split()}
+    top_level = {path.parts[0] for path in project_files()}
     assert top_level <= {n.rstrip("/") for n in names}, "a file is missing from the README's tree"
 
 
@@ -141,8 +140,7 @@ def test_every_test_the_readme_cites_exists() -> None:
 
 
 def test_no_real_account_id_anywhere() -> None:
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout
-    for path in tracked.split():
+    for path in project_files():
         text = (ROOT / path).read_text(errors="ignore")
         # An AWS account id is 12 digits; in an ECR host or an ARN it sits before ".dkr.ecr."
         # or after the region.
