@@ -255,7 +255,7 @@ def test_in_flight_gauge_counts_delayed_requests(svc: Service) -> None:
             await asyncio.gather(*posts)
             return _metric(text, "http_requests_in_flight")
 
-    assert asyncio.run(main()) == 6  # five POSTs in their delay, plus the /metrics request
+    assert asyncio.run(main()) == 5  # the POSTs in their delay; /metrics itself is not capped
 
 
 def test_openapi_describes_the_body_and_errors(svc: Service) -> None:
@@ -270,6 +270,52 @@ def test_openapi_describes_the_body_and_errors(svc: Service) -> None:
     assert "/metrics" not in spec["paths"]
     docs = httpx.get(svc.url + "/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_past_max_in_flight_a_request_gets_an_immediate_json_503(tmp_path) -> None:
+    """Overload: 80 requests at once against MAX_IN_FLIGHT=50, each on its own connection."""
+    cap, n, delay = 50, 80, 2.0
+
+    async def post_timed(client: httpx.AsyncClient, a: int) -> tuple[httpx.Response, float, int]:
+        start = time.perf_counter()
+        response = await client.post("/", json={"a": a, "b": 0.5})
+        return response, time.perf_counter() - start, a
+
+    async def main(s: Service) -> tuple[list, list[float], list[int], str]:
+        limits = httpx.Limits(max_connections=n)
+        async with httpx.AsyncClient(base_url=s.url, timeout=30, limits=limits) as client, \
+                httpx.AsyncClient(base_url=s.url, timeout=5) as probe:
+            posts = [asyncio.create_task(post_timed(client, a)) for a in range(n)]
+            gauges, health = [], []
+            held_until = time.monotonic() + delay * 0.75
+            while time.monotonic() < held_until:  # while the admitted ones are held
+                gauges.append(_metric((await probe.get("/metrics")).text, "http_requests_in_flight"))
+                health.append((await probe.get("/healthz")).status_code)
+                await asyncio.sleep(0.05)
+            results = await asyncio.gather(*posts)
+            return results, gauges, health, (await probe.get("/metrics")).text
+
+    with run_service(tmp_path, MAX_IN_FLIGHT=str(cap), DELAY_SECONDS=str(delay)) as s:
+        results, gauges, health, metrics = asyncio.run(main(s))
+        logs = s.logs()
+
+    admitted = [(r, t, a) for r, t, a in results if r.status_code == 200]
+    rejected = [(r, t) for r, t, _ in results if r.status_code != 200]
+    assert len(admitted) == cap
+    assert all(r.json() == {"result": a + 0.5} and t >= delay for r, t, a in admitted)
+    assert len(rejected) == n - cap
+    for response, elapsed in rejected:
+        assert response.status_code == 503
+        assert elapsed < delay / 4  # at once, not after the delay
+        assert "MAX_IN_FLIGHT" in response.json()["detail"]
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.headers["connection"] == "close"
+    # The gauge reached the cap and never went past it; the pod stayed alive for the kubelet.
+    assert max(gauges) == cap
+    assert set(health) == {200}
+    assert _metric(metrics, "http_requests_rejected_total") == n - cap
+    logged = [e["status"] for e in logs if e["event"] == "request" and e["path"] == "/"]
+    assert sorted(logged) == [200] * cap + [503] * (n - cap)
 
 
 # --- Logs -------------------------------------------------------------------------------------
