@@ -195,7 +195,8 @@ def client(port: int, count: int, first_source: int, timeout: float = 180) -> di
     for i in range(count):
         request = Answer(port, payload, SOURCES[(first_source + i) % len(SOURCES)])
         requests.append(request)
-        selector.register(request.sock, selectors.EVENT_READ if request.try_send() else selectors.EVENT_WRITE, request)
+        events = selectors.EVENT_READ if request.try_send() else selectors.EVENT_WRITE
+        selector.register(request.sock, events, request)
     deadline = time.perf_counter() + timeout
     while selector.get_map() and time.perf_counter() < deadline:
         for key, events in selector.select(timeout=1):
@@ -309,7 +310,8 @@ def step(n: int, spec: dict, image: str) -> dict:
         sampler.join()
         oom_killed = inspect(name, ".State.OOMKilled") == "true"
         alive = inspect(name, ".State.Running") == "true" and healthz(port, timeout=10) == 200
-        logs = [json.loads(line) for line in run("logs", name, check=False).splitlines() if line[:1] == "{"]
+        lines = run("logs", name, check=False).splitlines()
+        logs = [json.loads(line) for line in lines if line.startswith("{")]
         start_line = next((e for e in logs if e["event"] == "admission cap"), {})
         # How long the service itself took over each 503 (the rest is the kernel's accept queue).
         server_503 = sorted(e["duration_ms"] for e in logs if e.get("status") == 503)

@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import os
+import resource
 import signal
 import socket
 import subprocess
@@ -12,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from conftest import ROOT, Service, run_service, uvx
+from conftest import ROOT, Service, free_port, run_service, uvx
 
 DELAY = 2.0  # long enough that "answered before the delay" is unmistakable
 README_CURL = {"a": 10, "b": 5}
@@ -316,6 +318,30 @@ def test_past_max_in_flight_a_request_gets_an_immediate_json_503(tmp_path) -> No
     assert _metric(metrics, "http_requests_rejected_total") == n - cap
     logged = [e["status"] for e in logs if e["event"] == "request" and e["path"] == "/"]
     assert sorted(logged) == [200] * cap + [503] * (n - cap)
+    (start,) = [e for e in logs if e["event"] == "admission cap"]
+    assert (start["binding"], start["max_in_flight"]) == ("MAX_IN_FLIGHT", cap)
+
+
+def test_a_low_open_file_limit_is_raised_and_lowers_the_cap() -> None:
+    """Each request in flight holds a socket: the cap must fit the open-file limit, and say so."""
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 3000))
+
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "service.py")], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PORT": str(free_port()), "MAX_IN_FLIGHT": "5000"}, preexec_fn=low_limit,
+    )
+    try:
+        start = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert start["event"] == "admission cap"
+    assert (start["open_files_was"], start["open_files"]) == (256, 3000)  # soft raised to hard
+    assert (start["binding"], start["level"]) == ("RLIMIT_NOFILE", "warning")
+    assert start["max_in_flight"] + start["fd_reserve"] == 3000
+    assert 0 < start["max_in_flight"] < 5000
 
 
 # --- Logs -------------------------------------------------------------------------------------
