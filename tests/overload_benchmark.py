@@ -16,6 +16,8 @@ Retry-After, peak working set (cgroup usage - inactive_file, as the kubelet coun
 85 % of the limit, and exit 0 after SIGTERM. Bytes per request in flight come from the slope of
 peak working set against peak in flight over the steps below the cap. The figures go to
 tests/measured.json ("overload"), which tests/test_cluster.py checks deployment.yaml against.
+`--app floor` runs tests/floor_app.py in the same image instead (no cap: keep to 10,000), for the
+bare-ASGI floor's bytes per request; `--context DIR` builds another tree (e.g. an older service.py).
 """
 
 import argparse
@@ -46,6 +48,9 @@ MAX_SHARE = 0.85  # of the memory limit, at the peak of any step
 # containerd's base runtime spec on EKS AL2023 nodes (awslabs/amazon-eks-ami,
 # nodeadm/internal/containerd/base-runtime-spec.json): RLIMIT_NOFILE soft 65536, hard 1048576.
 NOFILE = (65536, 1048576)
+# The image runs service.py; the floor is mounted into it and run with the same Python and uvicorn.
+COMMAND = {"service": [], "floor": ["python", "floor_app.py"]}
+FLOOR_MOUNT = {"service": [], "floor": ["-v", f"{ROOT / 'tests' / 'floor_app.py'}:/app/floor_app.py:ro"]}
 
 
 # --- Container engine ---------------------------------------------------------------------------
@@ -111,6 +116,15 @@ class Cgroup:
             self.dir = Path("/sys/fs/cgroup") / lines[0].split(":", 2)[2].lstrip("/")
             self.usage, self.inactive = "memory.current", "inactive_file"
 
+    def oom_kills(self) -> int:
+        """Processes the kernel's OOM killer ended in this cgroup (v1: memory.oom_control)."""
+        name = "memory.oom_control" if self.usage == "memory.usage_in_bytes" else "memory.events"
+        for line in (self.dir / name).read_text().splitlines():
+            key, value = line.split()
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
     def working_set(self) -> int:
         usage = int((self.dir / self.usage).read_text())
         for line in (self.dir / "memory.stat").read_text().splitlines():
@@ -130,7 +144,7 @@ class Sampler(threading.Thread):
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         self.conn.connect()
         self.stop = threading.Event()
-        self.peak_ws = self.peak_in_flight = self.peak_fds = 0
+        self.peak_ws = self.peak_in_flight = self.peak_fds = self.oom_kills = 0
 
     def in_flight(self) -> int:
         self.conn.request("GET", "/metrics")
@@ -142,10 +156,17 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         next_gauge = 0.0
         while not self.stop.is_set():
-            self.peak_ws = max(self.peak_ws, self.cgroup.working_set())
+            try:
+                self.peak_ws = max(self.peak_ws, self.cgroup.working_set())
+                self.oom_kills = self.cgroup.oom_kills()
+            except OSError:
+                return  # the container is gone, and its cgroup with it
             if time.monotonic() >= next_gauge:
                 next_gauge = time.monotonic() + 0.25
-                self.peak_fds = max(self.peak_fds, len(os.listdir(f"/proc/{self.pid}/fd")))
+                try:
+                    self.peak_fds = max(self.peak_fds, len(os.listdir(f"/proc/{self.pid}/fd")))
+                except OSError:
+                    return
                 try:
                     self.peak_in_flight = max(self.peak_in_flight, self.in_flight())
                 except (OSError, http.client.HTTPException):
@@ -279,7 +300,7 @@ def healthz(port: int, timeout: float = 2) -> int:
         return 0
 
 
-def step(n: int, spec: dict, image: str) -> dict:
+def step(n: int, spec: dict, image: str, app: str = "service") -> dict:
     port = free_port()
     name = f"math-service-overload-{os.getpid()}-{n}"
     env = {**spec["env"], "PORT": str(port), "DELAY_SECONDS": str(DELAY_SECONDS)}
@@ -288,7 +309,7 @@ def step(n: int, spec: dict, image: str) -> dict:
         "--memory", str(spec["memory_bytes"]), "--memory-swap", str(spec["memory_bytes"]),
         # As benchmark.py: the server on its own core, so the clients do not take its CPU.
         "--cpus", f"{spec['cpus']:g}", "--cpuset-cpus", SERVER_CPU, *ulimit(),
-        *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], image,
+        *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], *FLOOR_MOUNT[app], image, *COMMAND[app],
     )
     try:
         deadline = time.monotonic() + 30
@@ -308,7 +329,8 @@ def step(n: int, spec: dict, image: str) -> dict:
         time.sleep(1)
         sampler.stop.set()
         sampler.join()
-        oom_killed = inspect(name, ".State.OOMKilled") == "true"
+        # podman 4.3 on cgroup v1 does not always set OOMKilled: the cgroup's counter is sure.
+        oom_killed = inspect(name, ".State.OOMKilled") == "true" or sampler.oom_kills > 0
         alive = inspect(name, ".State.Running") == "true" and healthz(port, timeout=10) == 200
         lines = run("logs", name, check=False).splitlines()
         logs = [json.loads(line) for line in lines if line.startswith("{")]
@@ -345,13 +367,15 @@ def step(n: int, spec: dict, image: str) -> dict:
 
 def slope(steps: list[dict], cap: int) -> dict:
     """Least squares of peak working set on peak in flight, over the steps below the cap."""
-    points = [(0, s["idle_ws_mib"]) for s in steps] + [
-        (s["peak_in_flight"], s["peak_ws_mib"]) for s in steps if s["requests"] <= cap
+    points = [(0, s["idle_ws_mib"]) for s in steps] + [  # the floor has no in-flight gauge
+        (s["peak_in_flight"] or s["requests"], s["peak_ws_mib"]) for s in steps if s["requests"] <= cap
     ]
     n = len(points)
     mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
     sxx = sum((x - mx) ** 2 for x, _ in points)
-    b = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else float("nan")
+    if not sxx:
+        return {"bytes_per_in_flight": None, "intercept_mib": None}
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx
     return {"bytes_per_in_flight": round(b * 2**20), "intercept_mib": round(my - b * mx, 1)}
 
 
@@ -366,7 +390,8 @@ def table(steps: list[dict], limit_mib: float) -> str:
             f"| {s['requests']:,} | {s['ok_200']:,} | {s['json_503']:,} | {s['errors']} "
             f"| {s['peak_in_flight']:,} | {s['peak_ws_mib']:g} | {s['peak_ws_share']:.0%} "
             f"| {s['peak_open_fds']:,} | {s['p99_s_503']} | {s['p99_s_200']} "
-            f"| {'yes' if s['oom_killed'] else 'no'} | {s['exit_code']} | {'ok' if s['passed'] else 'FAILED'} |"
+            f"| {'yes' if s['oom_killed'] else 'no'} | {s['exit_code']} "
+            f"| {'ok' if s['passed'] else 'FAILED'} |"
         )
     return "\n".join(lines)
 
@@ -376,6 +401,10 @@ def main() -> None:
     parser.add_argument("--ladder", default=",".join(map(str, LADDER)))
     parser.add_argument("--context", default=str(ROOT), help="build context holding the Dockerfile")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--app", choices=COMMAND, default="service",
+        help="floor: tests/floor_app.py (bare ASGI, no cap) in the same image, for its bytes per request",
+    )
     args = parser.parse_args()
     ladder = [int(n) for n in args.ladder.split(",") if n]
 
@@ -386,15 +415,15 @@ def main() -> None:
     run("build", "--network", "host", "-t", TAG, args.context)
     steps = []
     for n in ladder:
-        steps.append(step(n, spec, TAG))
+        steps.append(step(n, spec, TAG, args.app))
         print(f"   {n:,} at once: {json.dumps(steps[-1])}", file=sys.stderr)
     limit_mib = spec["memory_bytes"] / 2**20
     print(table(steps, limit_mib))
     fit = slope(steps, spec["max_in_flight"])
-    print(f"slope: {fit['bytes_per_in_flight']:,} bytes per request in flight, "
+    print(f"slope: {fit['bytes_per_in_flight']} bytes per request in flight, "
           f"intercept {fit['intercept_mib']} MiB (MAX_IN_FLIGHT={spec['max_in_flight']})")
     passed = all(s["passed"] for s in steps)
-    if passed and not args.no_write and args.context == str(ROOT):
+    if passed and not args.no_write and args.context == str(ROOT) and args.app == "service":
         measured = json.loads(MEASURED.read_text())
         measured["overload"] = {
             "date": datetime.date.today().isoformat(),
