@@ -344,7 +344,7 @@ def fit_open_file_limit() -> None:
     """Raise the soft open-file limit to the hard one; lower the cap if it still does not fit.
 
     Each request in flight holds one socket: a cap above the open-file limit would turn a burst
-    into failed accepts (reset connections) instead of clean 503s.
+    into failed accepts instead of clean 503s.
     """
     if sys.platform == "win32":
         return
