@@ -304,14 +304,14 @@ def step(n: int, spec: dict, image: str, app: str = "service") -> dict:
     port = free_port()
     name = f"math-service-overload-{os.getpid()}-{n}"
     env = {**spec["env"], "PORT": str(port), "DELAY_SECONDS": str(DELAY_SECONDS)}
-    run(
-        "run", "-d", "--name", name, "--network", "host",
-        "--memory", str(spec["memory_bytes"]), "--memory-swap", str(spec["memory_bytes"]),
-        # As benchmark.py: the server on its own core, so the clients do not take its CPU.
-        "--cpus", f"{spec['cpus']:g}", "--cpuset-cpus", SERVER_CPU, *ulimit(),
-        *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], *FLOOR_MOUNT[app], image, *COMMAND[app],
-    )
     try:
+        run(
+            "run", "-d", "--name", name, "--network", "host",
+            "--memory", str(spec["memory_bytes"]), "--memory-swap", str(spec["memory_bytes"]),
+            # As benchmark.py: the server on its own core, so the clients do not take its CPU.
+            "--cpus", f"{spec['cpus']:g}", "--cpuset-cpus", SERVER_CPU, *ulimit(),
+            *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], *FLOOR_MOUNT[app], image, *COMMAND[app],
+        )
         deadline = time.monotonic() + 30
         while healthz(port) != 200:
             if time.monotonic() > deadline:
