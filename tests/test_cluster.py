@@ -350,6 +350,21 @@ def test_memory_sized_from_measurements(container, kit):
     assert cm.memory_mib(requests["memory"]) >= 1.2 * work.pod_rss_mib(share)
 
 
+def test_max_in_flight_fits_the_memory_limit(container):
+    """Idle + cap x bytes per request in flight (measured by tests/overload_benchmark.py with the
+    real image) stays within 80 % of the memory limit, for deployment.yaml's cap and the default."""
+    overload = json.loads(cm.MEASURED.read_text())["overload"]
+    idle_mib = max(overload["idle_ws_mib"], overload["intercept_mib"])
+    limit_mib = cm.memory_mib(container["resources"]["limits"]["memory"])
+    env = {e["name"]: e["value"] for e in container["env"]}
+    for cap in (int(env["MAX_IN_FLIGHT"]), cm.service_default("max_in_flight")):
+        assert idle_mib + cap * overload["bytes_per_in_flight"] / 2**20 <= 0.8 * limit_mib
+    # The benchmark ran this limit, and every step of it stayed within 85 % of it.
+    assert overload["memory_limit_mib"] == limit_mib
+    assert all(step["passed"] and step["peak_ws_share"] <= 0.85 for step in overload["steps"])
+    assert max(step["requests"] for step in overload["steps"]) >= 30_000
+
+
 # --- The HPA model itself ---------------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import os
+import resource
 import signal
 import socket
 import subprocess
@@ -12,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from conftest import ROOT, Service, run_service, uvx
+from conftest import ROOT, Service, free_port, run_service, uvx
 
 DELAY = 2.0  # long enough that "answered before the delay" is unmistakable
 README_CURL = {"a": 10, "b": 5}
@@ -255,7 +257,7 @@ def test_in_flight_gauge_counts_delayed_requests(svc: Service) -> None:
             await asyncio.gather(*posts)
             return _metric(text, "http_requests_in_flight")
 
-    assert asyncio.run(main()) == 6  # five POSTs in their delay, plus the /metrics request
+    assert asyncio.run(main()) == 5  # the POSTs in their delay; /metrics itself is not capped
 
 
 def test_openapi_describes_the_body_and_errors(svc: Service) -> None:
@@ -270,6 +272,76 @@ def test_openapi_describes_the_body_and_errors(svc: Service) -> None:
     assert "/metrics" not in spec["paths"]
     docs = httpx.get(svc.url + "/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_past_max_in_flight_a_request_gets_an_immediate_json_503(tmp_path) -> None:
+    """Overload: 80 requests at once against MAX_IN_FLIGHT=50, each on its own connection."""
+    cap, n, delay = 50, 80, 2.0
+
+    async def post_timed(client: httpx.AsyncClient, a: int) -> tuple[httpx.Response, float, int]:
+        start = time.perf_counter()
+        response = await client.post("/", json={"a": a, "b": 0.5})
+        return response, time.perf_counter() - start, a
+
+    async def main(s: Service) -> tuple[list, list[float], list[int], str]:
+        limits = httpx.Limits(max_connections=n)
+        async with httpx.AsyncClient(base_url=s.url, timeout=30, limits=limits) as client, \
+                httpx.AsyncClient(base_url=s.url, timeout=5) as probe:
+            posts = [asyncio.create_task(post_timed(client, a)) for a in range(n)]
+            gauges, health = [], []
+            held_until = time.monotonic() + delay * 0.75
+            while time.monotonic() < held_until:  # while the admitted ones are held
+                gauges.append(_metric((await probe.get("/metrics")).text, "http_requests_in_flight"))
+                health.append((await probe.get("/healthz")).status_code)
+                await asyncio.sleep(0.05)
+            results = await asyncio.gather(*posts)
+            return results, gauges, health, (await probe.get("/metrics")).text
+
+    with run_service(tmp_path, MAX_IN_FLIGHT=str(cap), DELAY_SECONDS=str(delay)) as s:
+        results, gauges, health, metrics = asyncio.run(main(s))
+        logs = s.logs()
+
+    admitted = [(r, t, a) for r, t, a in results if r.status_code == 200]
+    rejected = [(r, t) for r, t, _ in results if r.status_code != 200]
+    assert len(admitted) == cap
+    assert all(r.json() == {"result": a + 0.5} and t >= delay for r, t, a in admitted)
+    assert len(rejected) == n - cap
+    for response, elapsed in rejected:
+        assert response.status_code == 503
+        assert elapsed < delay / 4  # at once, not after the delay
+        assert "MAX_IN_FLIGHT" in response.json()["detail"]
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.headers["connection"] == "close"
+    # The gauge reached the cap and never went past it; the pod stayed alive for the kubelet.
+    assert max(gauges) == cap
+    assert set(health) == {200}
+    assert _metric(metrics, "http_requests_rejected_total") == n - cap
+    logged = [e["status"] for e in logs if e["event"] == "request" and e["path"] == "/"]
+    assert sorted(logged) == [200] * cap + [503] * (n - cap)
+    (start,) = [e for e in logs if e["event"] == "admission cap"]
+    assert (start["binding"], start["max_in_flight"]) == ("MAX_IN_FLIGHT", cap)
+
+
+def test_a_low_open_file_limit_is_raised_and_lowers_the_cap() -> None:
+    """Each request in flight holds a socket: the cap must fit the open-file limit, and say so."""
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 3000))
+
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "service.py")], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PORT": str(free_port()), "MAX_IN_FLIGHT": "5000"}, preexec_fn=low_limit,
+    )
+    try:
+        start = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert start["event"] == "admission cap"
+    assert (start["open_files_was"], start["open_files"]) == (256, 3000)  # soft raised to hard
+    assert (start["binding"], start["level"]) == ("RLIMIT_NOFILE", "warning")
+    assert start["max_in_flight"] + start["fd_reserve"] == 3000
+    assert 0 < start["max_in_flight"] < 5000
 
 
 # --- Logs -------------------------------------------------------------------------------------
@@ -357,7 +429,7 @@ def test_sigterm_completes_every_in_flight_request(tmp_path) -> None:
             posts = [asyncio.create_task(client.post("/", json=README_CURL)) for _ in range(n)]
             async with httpx.AsyncClient(base_url=s.url) as probe:
                 deadline = time.monotonic() + 20
-                while _metric((await probe.get("/metrics")).text, "http_requests_in_flight") < n + 1:
+                while _metric((await probe.get("/metrics")).text, "http_requests_in_flight") < n:
                     assert time.monotonic() < deadline, "the requests never all arrived"
                     await asyncio.sleep(0.05)
             s.proc.send_signal(signal.SIGTERM)
