@@ -296,8 +296,9 @@ class CloseWhenShuttingDown:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_close(message: Message) -> None:
             if message["type"] == "http.response.start" and not app.state.ready:
-                headers = [*message.get("headers", []), (b"connection", b"close")]
-                message = {**message, "headers": headers}
+                headers = list(message.get("headers", []))
+                if (b"connection", b"close") not in headers:  # once is enough
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
         await self.app(scope, receive, send_close if scope["type"] == "http" else send)
