@@ -20,6 +20,7 @@ import gc
 import logging
 import math
 import signal
+import socket
 import sys
 import time
 from typing import Annotated, Any, Literal
@@ -370,12 +371,50 @@ def fit_open_file_limit() -> None:
     settings.max_in_flight = min(settings.max_in_flight, fits)
 
 
+class CloseWhenShuttingDown:
+    """Once shutdown has begun, every response says `Connection: close`.
+
+    uvicorn ends a keep-alive connection after a response whose headers say so
+    (httptools_impl.RequestResponseCycle.send), so each client learns on its next answer that
+    this connection is going, instead of finding it closed under its next request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_close(message: Message) -> None:
+            if message["type"] == "http.response.start" and not app.state.ready:
+                headers = list(message.get("headers", []))
+                if (b"connection", b"close") not in headers:  # once is enough
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_close if scope["type"] == "http" else send)
+
+
 class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         # SIGTERM: fail readiness at once; uvicorn then stops accepting and lets every
         # in-flight request finish (no graceful-shutdown timeout: the pod's grace period rules).
         app.state.ready = False
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn's own shutdown closes every idle keep-alive connection at once
+        # (HttpToolsProtocol.shutdown: transport.close()), and a client sending its next request
+        # in that instant gets no answer. So first only stop accepting, and let each connection
+        # end itself: after its next response (CloseWhenShuttingDown) or at uvicorn's keep-alive
+        # timeout, whose timer runs on the loop whether or not main_loop does. Every idle
+        # connection's timer has fired by the deadline; uvicorn's shutdown then drains what is
+        # left: requests in flight, and connections that never sent one (they have no timer).
+        for server in self.servers:
+            server.close()
+        deadline = time.monotonic() + self.config.timeout_keep_alive + 1
+        logger.info("closing keep-alive connections", open=len(self.server_state.connections))
+        while self.server_state.connections and time.monotonic() < deadline and not self.force_exit:
+            await asyncio.sleep(0.1)
+        await super().shutdown(sockets)
 
 
 if __name__ == "__main__":
@@ -385,7 +424,7 @@ if __name__ == "__main__":
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
     config = uvicorn.Config(
-        app,
+        CloseWhenShuttingDown(app),
         host="0.0.0.0",
         port=settings.port,
         loop="uvloop" if sys.platform != "win32" else "auto",

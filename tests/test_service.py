@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import random
 import resource
 import signal
 import socket
@@ -452,6 +453,102 @@ def test_sigterm_completes_every_in_flight_request(tmp_path) -> None:
     events = [e["event"] for e in logs]
     assert events.index("Shutting down") < events.index("Application shutdown complete.")
     assert sum(1 for e in logs if e["event"] == "request" and e["path"] == "/") == n
+
+
+POST_ADD = (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 17\r\n\r\n" b'{"a": 10, "b": 5}')
+GET_READYZ = b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n"
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def connect(s: Service) -> Connection:
+    host, port = s.url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def exchange(conn: Connection, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request on an open keep-alive connection and its whole response.
+
+    A connection closed under the request raises: IncompleteReadError (an empty read) or
+    ConnectionResetError.
+    """
+    reader, writer = conn
+    writer.write(request)
+    await writer.drain()
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    status_line, *lines = head.split("\r\n")[:-2]
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    body = await reader.readexactly(int(headers["content-length"]))
+    return int(status_line.split()[1]), headers, body
+
+
+def test_idle_keep_alive_connection_is_answered_after_sigterm(tmp_path) -> None:
+    """A client behind a load balancer keeps its connection through the pod's preStop and
+    sends its next request just after SIGTERM: it gets its answer, marked `Connection: close`."""
+
+    async def main(s: Service) -> None:
+        add, ready = await connect(s), await connect(s)
+        assert (await exchange(add, POST_ADD))[0] == 200
+        assert (await exchange(ready, GET_READYZ))[0] == 200
+        s.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)  # both connections are idle keep-alives when SIGTERM lands
+
+        status, headers, body = await exchange(add, POST_ADD)
+        assert (status, body) == (200, b'{"result":15.0}')
+        assert headers["connection"] == "close"
+        assert await add[0].read() == b""  # and then the server ends the connection
+
+        status, headers, body = await exchange(ready, GET_READYZ)
+        assert (status, json.loads(body)) == (503, {"status": "shutting down"})
+        assert headers["connection"] == "close"
+
+    with run_service(tmp_path, DELAY_SECONDS="0.2") as s:
+        asyncio.run(asyncio.wait_for(main(s), 10))
+        assert s.proc.wait(10) == 0
+
+
+def test_keep_alive_clients_through_sigterm_are_all_answered_then_told_to_close(tmp_path) -> None:
+    """Dozens of keep-alive clients with short think times, so some are idle at SIGTERM: every
+    request sent on an open connection is answered in full, and every client hears
+    `Connection: close` before its connection ends."""
+    n = 40
+
+    async def main(s: Service) -> list[list[tuple[bool, int, bytes, str | None]] | BaseException]:
+        sigterm = asyncio.Event()
+        answered = asyncio.Semaphore(0)
+
+        async def client(seed: int) -> list[tuple[bool, int, bytes, str | None]]:
+            think = random.Random(seed)
+            conn = await connect(s)
+            answers = []  # (sent after SIGTERM, status, body, Connection header)
+            while True:
+                after = sigterm.is_set()
+                status, headers, body = await exchange(conn, POST_ADD)
+                answers.append((after, status, body, headers.get("connection")))
+                answered.release()
+                if headers.get("connection") == "close":
+                    assert await conn[0].read() == b"", "data after a Connection: close answer"
+                    return answers
+                await asyncio.sleep(think.uniform(0, 0.3))
+
+        clients = asyncio.gather(*(client(i) for i in range(n)), return_exceptions=True)
+        for _ in range(2 * n):  # every client is past its first answer, on average
+            await asyncio.wait_for(answered.acquire(), 10)
+        s.proc.send_signal(signal.SIGTERM)
+        sigterm.set()
+        return await asyncio.wait_for(clients, 10)
+
+    with run_service(tmp_path, DELAY_SECONDS="0.3") as s:
+        results = asyncio.run(main(s))
+        code = s.proc.wait(10)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, f"{len(errors)} of {n} clients lost their connection: {errors[:3]!r}"
+    answers = [a for r in results for a in r]
+    assert {(status, body) for _, status, body, _ in answers} == {(200, b'{"result":15.0}')}
+    assert all(r[-1][3] == "close" for r in results)  # each one's last answer said so
+    # Not vacuous: some clients were idle at SIGTERM and sent a request on their open connection.
+    assert sum(1 for r in results if r[-1][0]) >= 5
+    assert code == 0
 
 
 def test_runs_on_uvloop_and_httptools(service: Service) -> None:
