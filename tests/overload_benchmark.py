@@ -35,7 +35,9 @@ import time
 from pathlib import Path
 
 import cluster_model as cm
-from benchmark import BODY, CLIENT_CPU, SERVER_CPU, Request, free_port, machine, raise_fd_limit
+from benchmark import (
+    BODY, CLIENT_CPU, SERVER_CPU, Request, drive, free_port, machine, raise_fd_limit,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MEASURED = ROOT / "tests" / "measured.json"
@@ -218,22 +220,7 @@ def client(port: int, count: int, first_source: int, timeout: float = 180) -> di
         requests.append(request)
         events = selectors.EVENT_READ if request.try_send() else selectors.EVENT_WRITE
         selector.register(request.sock, events, request)
-    deadline = time.perf_counter() + timeout
-    while selector.get_map() and time.perf_counter() < deadline:
-        for key, events in selector.select(timeout=1):
-            request = key.data
-            if not request.sent and request.result is None:
-                if request.try_send() and request.result is None:
-                    selector.modify(request.sock, selectors.EVENT_READ, request)
-            elif events & selectors.EVENT_READ:
-                request.on_readable()
-            if request.result is not None:
-                selector.unregister(request.sock)
-                request.sock.close()
-    for request in requests:
-        if request.result is None:
-            request.finish("timeout")
-            request.sock.close()
+    drive(selector, requests, timeout)
     results = [r.result for r in requests]
     latencies = {s: [r[1] for r in results if isinstance(r, tuple) and r[0] == s] for s in ("200", "503")}
     errors = [r for r in results if isinstance(r, str)]
