@@ -49,8 +49,8 @@ def uvx(
 
 def project_files() -> list[Path]:
     """The repository's files as a fresh clone or an unpacked archive holds them: everything under
-    ROOT except what .gitignore leaves out, and .git. Read from the file system, not from
-    `git ls-files`: a downloaded archive has no git."""
+    ROOT except what .gitignore leaves out, and .git. Read from the file system, not from git:
+    a downloaded archive has no repository."""
     gitignore = (ROOT / ".gitignore").read_text().splitlines()
     ignored = pathspec.GitIgnoreSpec.from_lines([".git", *gitignore])
     files = []
