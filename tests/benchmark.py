@@ -218,6 +218,10 @@ def hold(server: Server, concurrency: int) -> dict:
 # --- Concurrency client (runs as its own process, pinned to CLIENT_CPU) --------------------------
 
 
+def status_line(head: bytes) -> str:
+    return head.split(b"\r\n", 1)[0].decode(errors="replace") or "closed without a response"
+
+
 class Request:
     """One connection carrying one POST; its latency runs from connect() to the last byte."""
 
@@ -231,7 +235,7 @@ class Request:
         self.payload = payload
         self.sent = False
         self.chunks: list[bytes] = []
-        self.result: float | str | None = None
+        self.result: float | str | tuple[str, float] | None = None
 
     def try_send(self) -> bool:
         try:
@@ -253,14 +257,17 @@ class Request:
         if data:
             return self.chunks.append(data)
         head, _, body = b"".join(self.chunks).partition(b"\r\n\r\n")  # Connection: close
-        if not head.startswith(b"HTTP/1.1 200"):
-            self.finish(head.split(b"\r\n", 1)[0].decode(errors="replace") or "closed without a response")
-        elif body.replace(b" ", b"") != b'{"result":15.0}':
-            self.finish("wrong body")
-        else:
-            self.finish(time.perf_counter() - self.start)
+        self.finish(self.verdict(head, body, time.perf_counter() - self.start))
 
-    def finish(self, result: float | str) -> None:
+    def verdict(self, head: bytes, body: bytes, elapsed: float) -> float | str:
+        """The latency of a right answer; otherwise what was wrong."""
+        if not head.startswith(b"HTTP/1.1 200"):
+            return status_line(head)
+        if body.replace(b" ", b"") != b'{"result":15.0}':
+            return "wrong body"
+        return elapsed
+
+    def finish(self, result: float | str | tuple[str, float]) -> None:
         self.result = result
 
 

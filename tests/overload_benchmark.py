@@ -36,7 +36,7 @@ from pathlib import Path
 
 import cluster_model as cm
 from benchmark import (
-    BODY, CLIENT_CPU, SERVER_CPU, Request, drive, free_port, machine, raise_fd_limit,
+    BODY, CLIENT_CPU, SERVER_CPU, Request, drive, free_port, machine, raise_fd_limit, status_line,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,26 +182,17 @@ class Sampler(threading.Thread):
 class Answer(Request):
     """benchmark.py's request, where a JSON 503 with Retry-After is an answer too."""
 
-    def on_readable(self) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except OSError as exc:
-            return self.finish(type(exc).__name__)
-        if data:
-            return self.chunks.append(data)
-        head, _, body = b"".join(self.chunks).partition(b"\r\n\r\n")
-        elapsed = time.perf_counter() - self.start
+    def verdict(self, head: bytes, body: bytes, elapsed: float) -> tuple[str, float] | str:
         status = head[9:12].decode(errors="replace")
         try:
             answer = json.loads(body)
         except ValueError:
             answer = None
         if status == "200" and answer == {"result": 15.0}:
-            self.finish(("200", elapsed))
-        elif status == "503" and b"\r\nretry-after: " in head.lower() and "detail" in (answer or {}):
-            self.finish(("503", elapsed))
-        else:
-            self.finish(head.split(b"\r\n", 1)[0].decode(errors="replace") or "closed without a response")
+            return ("200", elapsed)
+        if status == "503" and b"\r\nretry-after: " in head.lower() and "detail" in (answer or {}):
+            return ("503", elapsed)
+        return status_line(head)
 
 
 def client(port: int, count: int, first_source: int, timeout: float = 180) -> dict:
