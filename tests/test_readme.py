@@ -80,7 +80,7 @@ def test_names_ports_and_region_in_commands_match_the_manifests() -> None:
     assert re.search(r"kubectl apply -f service\.yaml -f hpa\.yaml", commands)
     # deployment.yaml is applied with $IMAGE in place of its placeholder: tests/test_readme_path.py
     # runs those commands and checks the image kubectl receives.
-    assert re.search(r"export IMAGE=\$REGISTRY/my-math-service:", commands)
+    assert re.search(r"^IMAGE=\$REGISTRY/my-math-service:", commands, re.M)
 
 
 def marked(name: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, uvx
 
 README = (ROOT / "README.md").read_text()
 DEFAULT_REGION = "eu-west-2"
@@ -275,3 +275,12 @@ def test_demo_swarm_is_the_models_scenario() -> None:
     swarms = re.findall(r"locust -f locustfile\.py --headless -u (\d+) -r (\d+) -t (\d+)m", README)
     demo = [(r, t) for u, r, t in swarms if int(u) == cm.DEMO_USERS]
     assert demo and set(demo) == {(str(cm.SPAWN_RATE), str(cm.DEMO_RUN_S // 60))}, swarms
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_readme_aws_path_passes_shellcheck(path: str, tmp_path: Path) -> None:
+    script = tmp_path / "path.sh"
+    script.write_text("\n".join(bash_blocks(README, PATHS[path])))
+    # SC1091: .demo.env exists only once step 4 has run.
+    result = uvx("shellcheck", "--shell=bash", "--exclude=SC1091", str(script), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
