@@ -534,7 +534,7 @@ def capacity_table(users: tuple[int, ...] = TABLE_USERS) -> str:
         back = {None: "never", 0: "(never left 1)"}.get(row.back_to_min_s, f"{row.back_to_min_s} s")
         lines.append(
             f"| {row.users:,} | {row.rate:.0f} | {row.in_flight:.0f} | {row.cpu_per_pod_m:.1f}m "
-            f"| {row.utilization}%/{target}% | {row.replicas} | {back} |"
+            f"| cpu: {row.utilization}%/{target}% | {row.replicas} | {back} |"  # as the API server prints it
         )
     m = work.measured
     lines += [

@@ -13,13 +13,16 @@ from cluster_model import manifest
 from conftest import ROOT, project_files
 
 README = (ROOT / "README.md").read_text()
+# The reference pages the README links (docs/*.md): its own words, moved out of the way.
+PAGES = {path.relative_to(ROOT).as_posix(): path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
+ALL_TEXT = "\n".join([README, *PAGES.values()])
 TEST_COMMAND = (
     "uv run --with-requirements service.py --with-requirements tests/requirements.txt pytest tests"
 )
 
 
-def code_blocks(lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```", README, flags=re.S | re.M)
+def code_blocks(lang: str, text: str = README) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)
 
 
 def test_every_file_in_the_project_structure_exists() -> None:
@@ -38,14 +41,14 @@ def test_local_commands_are_the_ones_the_repository_uses() -> None:
     assert TEST_COMMAND in ci and TEST_COMMAND in README
     swarm = re.search(r"locust -f locustfile\.py --headless [^\n]*-H http://localhost:8000", README)
     assert swarm, "README shows no local headless swarm"
-    bench = re.search(r"uv run [^\n]*python (tests/[\w.]+\.py)", README)
+    bench = re.search(r"uv run [^\n]*python (tests/[\w.]+\.py)", ALL_TEXT)
     assert bench and (ROOT / bench.group(1)).exists()
 
 
 @pytest.mark.parametrize("name", ["cluster-config.yaml", "deployment.yaml", "service.yaml", "hpa.yaml"])
 def test_manifests_shown_in_the_readme_are_the_files(name: str) -> None:
-    shown = [b for b in code_blocks("yaml") if b.startswith(f"# {name}")]
-    assert shown, f"README does not show {name}"
+    shown = [b for b in code_blocks("yaml", ALL_TEXT) if b.startswith(f"# {name}")]
+    assert shown, f"neither README nor docs/ shows {name}"
     assert shown[0] == (ROOT / name).read_text()
 
 
@@ -74,12 +77,10 @@ def test_names_ports_and_region_in_commands_match_the_manifests() -> None:
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert '"http://$ELB/"' in commands and port["port"] == 80
     assert port["targetPort"] == container["ports"][0]["containerPort"]
-    for name in ("service.yaml", "hpa.yaml"):
-        assert f"kubectl apply -f {name}" in commands
-    # deployment.yaml is applied with its placeholder image replaced by $IMAGE.
-    placeholder = container["image"]
-    assert f's|{placeholder}|$IMAGE|" deployment.yaml' in commands
-    assert re.search(r"export IMAGE=\$REGISTRY/my-math-service:\$TAG", commands)
+    assert re.search(r"kubectl apply -f service\.yaml -f hpa\.yaml", commands)
+    # deployment.yaml is applied with $IMAGE in place of its placeholder: tests/test_readme_path.py
+    # runs those commands and checks the image kubectl receives.
+    assert re.search(r"^IMAGE=\$REGISTRY/my-math-service:", commands, re.M)
 
 
 def marked(name: str) -> str:
@@ -100,8 +101,8 @@ def test_capacity_table_is_the_models_current_output(model) -> None:
 
 
 def chart_caption(name: str) -> str:
-    """The README's image of docs/<name>, and the caption line under it."""
-    shown = re.search(rf"^!\[[^\]]+\]\(docs/{re.escape(name)}\)\n\n(\*.+\*)$", README, re.M)
+    """The README's (or a docs page's) image of docs/<name>, and the caption line under it."""
+    shown = re.search(rf"^!\[[^\]]+\]\((?:docs/)?{re.escape(name)}\)\n\n(\*.+\*)$", ALL_TEXT, re.M)
     assert shown, f"README does not show docs/{name} with a caption"
     return shown.group(1)
 
@@ -132,7 +133,7 @@ def test_latency_chart_is_the_last_benchmark_run(tmp_path) -> None:
 
 
 def test_every_test_the_readme_cites_exists() -> None:
-    cited = set(re.findall(r"\b(test_\w+)(?!\.py)\b", README))
+    cited = set(re.findall(r"\b(test_\w+)(?!\.py)\b", ALL_TEXT))
     defined = set()
     for path in (ROOT / "tests").glob("test_*.py"):
         defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
@@ -184,7 +185,7 @@ def test_prose_numbers_are_the_manifests(name: str) -> None:
     """The README's own words (the manifests it shows are compared whole elsewhere)."""
     value, patterns = PROSE[name]
     expected = value(manifest("hpa.yaml"), manifest("deployment.yaml"))
-    prose = re.sub(r"^```yaml\n.*?^```", "", README, flags=re.S | re.M)
+    prose = re.sub(r"^```yaml\n.*?^```", "", ALL_TEXT, flags=re.S | re.M)
     for pattern in patterns:
         found = prose_values(prose, [pattern])
         assert found, f"{name}: nothing in the README matches {pattern!r} any more"
@@ -200,9 +201,9 @@ def test_scale_down_and_idle_figures_are_the_models() -> None:
     back = cm.back_to_min_range_s(hpa, work)
     reading, idle = cm.idle_reading_tolerated_m(hpa, work), cm.idle_cpu_tolerated_m(hpa, work)
     ratio = floor1(idle / work.measured.idle_cpu_m)
-    for path in ("README.md", "hpa.yaml"):
+    for path, text in {"README.md and docs/*.md": ALL_TEXT, "hpa.yaml": (ROOT / "hpa.yaml").read_text()}.items():
         # One line per sentence: undo the wrapping of YAML comments.
-        text = re.sub(r"\s*\n\s*#?\s*", " ", (ROOT / path).read_text())
+        text = re.sub(r"\s*\n\s*#?\s*", " ", text)
         timings = re.findall(r"(\d+) to (\d+) s after the swarm stops", text)
         assert timings and {(int(a), int(b)) for a, b in timings} == {back}, (path, timings, back)
         assert not re.search(r"(?:minutes|within minutes) (?:after|of) the swarm stop", text), path
@@ -210,3 +211,136 @@ def test_scale_down_and_idle_figures_are_the_models() -> None:
         assert tolerated and set(tolerated) == {(str(reading), f"{floor1(idle):g}")}, (path, tolerated)
         ratios = re.findall(r"([\d.]+)(?:x| times) the measured", text)
         assert ratios and set(ratios) == {f"{ratio:g}"}, (path, ratios)
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_docs_page_is_linked_and_every_local_link_resolves() -> None:
+    texts = {"README.md": README, **PAGES}
+    for page in PAGES:
+        assert f"]({page})" in README, f"README does not link {page}"
+    for source, text in texts.items():
+        base = (ROOT / source).parent
+        for target, anchor in re.findall(r"\]\((?!https?:)([^)#\s]*)(?:#([^)\s]+))?\)", text):
+            path = (base / target).resolve() if target else ROOT / source
+            assert path.exists(), f"{source} links {target}, which does not exist"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
+                assert anchor in {slug(h) for h in headings}, f"{source}: no heading #{anchor} in {target or source}"
+
+
+# --- Figures said in prose, checked against their sources --------------------------------------
+
+MEASURED = json.loads((ROOT / "tests/measured.json").read_text())
+
+
+def unwrapped(text: str) -> str:
+    """One line per sentence: undo the wrapping of prose and of YAML comments."""
+    return re.sub(r"\s*\n\s*#?\s*", " ", text)
+
+
+def figure_texts() -> dict[str, str]:
+    return {"README.md and docs/*.md": ALL_TEXT, **{n: (ROOT / n).read_text() for n in ("hpa.yaml", "deployment.yaml")}}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """The model's capacity row for a swarm size, computed once per size."""
+    hpa, work = cm.repo_kit()
+    cache = {}
+    return lambda users: cache.setdefault(users, cm.capacity_row(hpa, work, users))
+
+
+def users_number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def test_replicas_per_swarm_size_are_the_models(rows) -> None:
+    """'500 users reach 2 pods', '1,000 users to 4', ...: the model's settled replicas."""
+    said = r"(\d{1,3}(?:,\d{3})*) users(?: \([^)]*\))?(?: add only [^,;.]*? and)? (?:reach|scale to|to) (\d+)\b"
+    found = [(path, u, p) for path, text in figure_texts().items() for u, p in re.findall(said, unwrapped(text))]
+    assert found, "no sentence names the replicas for a swarm size any more"
+    wrong = [(path, u, p, rows(users_number(u)).replicas) for path, u, p in found if int(p) != rows(users_number(u)).replicas]
+    assert wrong == [], "(where, users, said, model)"
+
+
+def test_targets_readings_are_printed_as_kubectl_prints_them(rows) -> None:
+    # The API server prints each metric with its name (formatHPAMetrics): "cpu: 5%/12%".
+    readings = re.findall(r"(.{0,5})(?<![\w%])(?:\d+%|<unknown>)/\d+%", ALL_TEXT)
+    assert readings and all(before.endswith("cpu: ") for before in readings), readings
+    # A reading quoted for a swarm size is the model's for that swarm.
+    quoted = re.findall(r"`cpu: (\d+)%/\d+%` under a ([\d,]+)-user swarm", ALL_TEXT)
+    assert quoted, "no TARGETS reading is quoted for a swarm size any more"
+    assert all(int(r) == rows(users_number(u)).utilization for r, u in quoted), quoted
+    # The rounding the README explains is the model's: usage rounded up to whole millicores.
+    _, work = cm.repo_kit()
+    rounding = re.findall(r"a pod using ([\d.]+)m reads as (\d+) %", ALL_TEXT)
+    assert rounding and all(
+        int(p) == math.floor(100 * math.ceil(float(m)) / work.requests.cpu_m) for m, p in rounding
+    ), rounding
+
+
+def said_as(value: float) -> set[str]:
+    return {f"{value:g}", f"{value:.1f}", f"{round(value)}", f"{round(value):,}"}
+
+
+def overload_step(requests: int) -> dict:
+    return next(s for s in MEASURED["overload"]["steps"] if s["requests"] == requests)
+
+
+MEMORY = {
+    # tests/benchmark.py: the service process's peak RSS with 10,000 requests in flight.
+    "peak RSS at 10,000 in flight": (
+        lambda: MEASURED["service"]["peak_rss_mib_10000"],
+        [r"Peak RSS with 10,000 in flight: ([\d.]+) MiB"],
+    ),
+    # tests/overload_benchmark.py: the real image's peak working set, 10,000 at once.
+    "working set at 10,000 at once": (
+        lambda: overload_step(10_000)["peak_ws_mib"],
+        [r"above the ([\d.]+) MiB working set measured with 10,000"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", MEMORY)
+def test_memory_figures_are_the_measured_ones(name: str) -> None:
+    value, patterns = MEMORY[name]
+    for pattern in patterns:
+        found = re.findall(pattern, unwrapped(ALL_TEXT))
+        assert found, f"{name}: nothing matches {pattern!r} any more"
+        assert set(found) <= said_as(value()), f"{name}: said {found}, measured {value()}"
+
+
+def test_overload_table_is_the_measured_run() -> None:
+    """docs/api.md's table row by row against tests/measured.json ("overload")."""
+    row = re.compile(r"^\| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| ([\d.]+) MiB \| (\d+) % \| (yes|no) \| (\d+) \|$", re.M)
+    table = row.findall(PAGES["docs/api.md"])
+    assert len(table) == len(MEASURED["overload"]["steps"])
+    for requests, ok, busy, errors, ws, share, oom, code in table:
+        step = overload_step(users_number(requests))
+        assert (users_number(ok), users_number(busy), users_number(errors)) == (step["ok_200"], step["json_503"], step["errors"])
+        assert ws in said_as(step["peak_ws_mib"]) and int(share) == round(100 * step["peak_ws_share"])
+        assert (oom == "yes") == step["oom_killed"] and int(code) == step["exit_code"]
+
+
+def test_oom_point_is_the_measured_slopes() -> None:
+    """Idle + bytes per request in flight (tests/overload_benchmark.py) reach the memory limit
+    near the request count the README names; the slope it quotes is that run's."""
+    overload = MEASURED["overload"]
+    idle = max(overload["idle_ws_mib"], overload["intercept_mib"])
+    at_limit = (overload["memory_limit_mib"] - idle) * 2**20 / overload["bytes_per_in_flight"]
+    said = re.findall(r"near ([\d,]+)(?: requests)? at once", unwrapped(ALL_TEXT))
+    assert said and {users_number(s) for s in said} == {round(at_limit, -2)}, (said, at_limit)
+    slopes = re.findall(r"([\d.]+) MiB(?: idle)? \+ (?:[\d,]+ × )?([\d.]+) KiB", unwrapped(ALL_TEXT))
+    assert slopes and set(slopes) == {(f"{idle:g}", f"{overload['bytes_per_in_flight'] / 1024:.1f}")}, slopes
+
+
+def test_readme_is_short_and_starts_with_its_contents_and_the_dozen_commands() -> None:
+    lines = README.splitlines()
+    assert len(lines) <= 700, f"README.md has {len(lines)} lines"
+    first_screen = "\n".join(lines[:12])
+    assert "**Contents:**" in first_screen and "## AWS demo in a dozen commands" in first_screen
+    assert "```bash" in first_screen
