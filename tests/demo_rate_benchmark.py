@@ -127,6 +127,44 @@ def point(users: int, cgroup: CpuCgroup, port: int, seconds: float, workdir: Pat
     }
 
 
+def table(demo_rate: dict) -> str:
+    lines = [
+        "| locust users | requests/s | container CPU | CPU per request | locust failures |",
+        "|---:|---:|---:|---:|---:|",
+        f"| idle | 0 | {demo_rate['idle_cpu_millicores']:.1f}m | | |",
+    ]
+    for p in demo_rate["points"]:
+        lines.append(f"| {p['users']:,} | {p['requests_per_s']:g} | {p['cpu_millicores']:g}m "
+                     f"| {p['cpu_ms_per_request']:.2f} ms | {p['locust_failures']} |")
+    return "\n".join(lines)
+
+
+def section(measured: dict) -> str:
+    """docs/performance.md's demo-rate section: this benchmark's last run, and the metrics API's
+    per-pod readings from a real cluster next to it when measured.json has them."""
+    d = measured["demo_rate"]
+    text = [f"Measured {d['date']} on {d['machine']}, {d['engine']}, `--cpus {d['cpus']:g}`:", "", table(d)]
+    if cluster := measured.get("demo_rate_metrics_api"):
+        text += [
+            "",
+            f"The metrics API on a {cluster['cluster']} ({cluster['date']}; {cluster['run']}), each "
+            "pod at its own request rate:",
+            "",
+            "| requests/s | CPU (metrics API) | CPU per request |",
+            "|---:|---:|---:|",
+            *(f"| {p['requests_per_s']:g} | {p['cpu_millicores']:g}m "
+              f"| {p['cpu_millicores'] / p['requests_per_s']:.2f} ms |" for p in cluster["pods"]),
+        ]
+    return "\n".join(text)
+
+
+def write_section(measured: dict) -> None:
+    from benchmark import replace_marked
+
+    page = ROOT / "docs" / "performance.md"
+    page.write_text(replace_marked(page.read_text(), "demo-rate", section(measured)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--users", default=",".join(map(str, USERS)))
@@ -164,12 +202,8 @@ def main() -> None:
     finally:
         subprocess.run([ENGINE, "rm", "-f", name], capture_output=True)
 
-    print("| users | requests/s | container CPU (m) | CPU per request (ms) | locust failures |")
-    print("|---:|---:|---:|---:|---:|")
-    print(f"| idle | 0 | {idle_m:.1f} | | |")
-    for p in points:
-        print(f"| {p['users']:,} | {p['requests_per_s']:g} | {p['cpu_millicores']:g} "
-              f"| {p['cpu_ms_per_request']:g} | {p['locust_failures']} |")
+    demo_rate = {"idle_cpu_millicores": round(idle_m, 2), "points": points}
+    print(table(demo_rate))
     failed = any(p["locust_failures"] for p in points)
     if not failed and not args.no_write:
         measured = json.loads(MEASURED.read_text())
@@ -183,10 +217,10 @@ def main() -> None:
             "engine": ENGINE,
             "cpus": spec["cpus"],
             "window_s": args.window,
-            "idle_cpu_millicores": round(idle_m, 2),
-            "points": points,
+            **demo_rate,
         }
         MEASURED.write_text(json.dumps(measured, indent=2) + "\n")
+        write_section(measured)
     sys.exit(1 if failed else 0)
 
 
