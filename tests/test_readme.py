@@ -13,6 +13,9 @@ from cluster_model import manifest
 from conftest import ROOT, project_files
 
 README = (ROOT / "README.md").read_text()
+# The reference pages the README links (docs/*.md): its own words, moved out of the way.
+PAGES = {path.relative_to(ROOT).as_posix(): path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
+ALL_TEXT = "\n".join([README, *PAGES.values()])
 TEST_COMMAND = (
     "uv run --with-requirements service.py --with-requirements tests/requirements.txt pytest tests"
 )
@@ -38,7 +41,7 @@ def test_local_commands_are_the_ones_the_repository_uses() -> None:
     assert TEST_COMMAND in ci and TEST_COMMAND in README
     swarm = re.search(r"locust -f locustfile\.py --headless [^\n]*-H http://localhost:8000", README)
     assert swarm, "README shows no local headless swarm"
-    bench = re.search(r"uv run [^\n]*python (tests/[\w.]+\.py)", README)
+    bench = re.search(r"uv run [^\n]*python (tests/[\w.]+\.py)", ALL_TEXT)
     assert bench and (ROOT / bench.group(1)).exists()
 
 
@@ -100,8 +103,8 @@ def test_capacity_table_is_the_models_current_output(model) -> None:
 
 
 def chart_caption(name: str) -> str:
-    """The README's image of docs/<name>, and the caption line under it."""
-    shown = re.search(rf"^!\[[^\]]+\]\(docs/{re.escape(name)}\)\n\n(\*.+\*)$", README, re.M)
+    """The README's (or a docs page's) image of docs/<name>, and the caption line under it."""
+    shown = re.search(rf"^!\[[^\]]+\]\((?:docs/)?{re.escape(name)}\)\n\n(\*.+\*)$", ALL_TEXT, re.M)
     assert shown, f"README does not show docs/{name} with a caption"
     return shown.group(1)
 
@@ -132,7 +135,7 @@ def test_latency_chart_is_the_last_benchmark_run(tmp_path) -> None:
 
 
 def test_every_test_the_readme_cites_exists() -> None:
-    cited = set(re.findall(r"\b(test_\w+)(?!\.py)\b", README))
+    cited = set(re.findall(r"\b(test_\w+)(?!\.py)\b", ALL_TEXT))
     defined = set()
     for path in (ROOT / "tests").glob("test_*.py"):
         defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
@@ -184,7 +187,7 @@ def test_prose_numbers_are_the_manifests(name: str) -> None:
     """The README's own words (the manifests it shows are compared whole elsewhere)."""
     value, patterns = PROSE[name]
     expected = value(manifest("hpa.yaml"), manifest("deployment.yaml"))
-    prose = re.sub(r"^```yaml\n.*?^```", "", README, flags=re.S | re.M)
+    prose = re.sub(r"^```yaml\n.*?^```", "", ALL_TEXT, flags=re.S | re.M)
     for pattern in patterns:
         found = prose_values(prose, [pattern])
         assert found, f"{name}: nothing in the README matches {pattern!r} any more"
@@ -200,9 +203,9 @@ def test_scale_down_and_idle_figures_are_the_models() -> None:
     back = cm.back_to_min_range_s(hpa, work)
     reading, idle = cm.idle_reading_tolerated_m(hpa, work), cm.idle_cpu_tolerated_m(hpa, work)
     ratio = floor1(idle / work.measured.idle_cpu_m)
-    for path in ("README.md", "hpa.yaml"):
+    for path, text in {"README.md and docs/*.md": ALL_TEXT, "hpa.yaml": (ROOT / "hpa.yaml").read_text()}.items():
         # One line per sentence: undo the wrapping of YAML comments.
-        text = re.sub(r"\s*\n\s*#?\s*", " ", (ROOT / path).read_text())
+        text = re.sub(r"\s*\n\s*#?\s*", " ", text)
         timings = re.findall(r"(\d+) to (\d+) s after the swarm stops", text)
         assert timings and {(int(a), int(b)) for a, b in timings} == {back}, (path, timings, back)
         assert not re.search(r"(?:minutes|within minutes) (?:after|of) the swarm stop", text), path
@@ -210,3 +213,22 @@ def test_scale_down_and_idle_figures_are_the_models() -> None:
         assert tolerated and set(tolerated) == {(str(reading), f"{floor1(idle):g}")}, (path, tolerated)
         ratios = re.findall(r"([\d.]+)(?:x| times) the measured", text)
         assert ratios and set(ratios) == {f"{ratio:g}"}, (path, ratios)
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_docs_page_is_linked_and_every_local_link_resolves() -> None:
+    texts = {"README.md": README, **PAGES}
+    for page in PAGES:
+        assert f"]({page})" in README, f"README does not link {page}"
+    for source, text in texts.items():
+        base = (ROOT / source).parent
+        for target, anchor in re.findall(r"\]\((?!https?:)([^)#\s]*)(?:#([^)\s]+))?\)", text):
+            path = (base / target).resolve() if target else ROOT / source
+            assert path.exists(), f"{source} links {target}, which does not exist"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
+                assert anchor in {slug(h) for h in headings}, f"{source}: no heading #{anchor} in {target or source}"
