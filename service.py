@@ -205,16 +205,17 @@ class Edge:
                     message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
-        async def receive_counted() -> Message:
-            # The body limit, counted as the bytes arrive (a chunked body declares no length).
-            nonlocal status, answered, received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > settings.max_body_bytes and status == 500 and not answered:
-                status, answered = 413, True  # before the app has sent anything
-                await answer(send, 413, self.too_large)
-                return {"type": "http.disconnect"}  # so the app stops: its client is gone
-            return message
+        if not length:  # a chunked body: the limit counts the bytes as they arrive
+
+            async def receive_counted() -> Message:
+                nonlocal status, answered, received
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received > settings.max_body_bytes and status == 500 and not answered:
+                    status, answered = 413, True  # before the app has sent anything
+                    await answer(send, 413, self.too_large)
+                    return {"type": "http.disconnect"}  # so the app stops: its client is gone
+                return message
 
         try:
             if capped and self.in_flight >= settings.max_in_flight:
@@ -233,7 +234,8 @@ class Edge:
                 return await answer(send, 413, self.too_large)
             self.in_flight += capped
             try:
-                await self.app(scope, receive_counted, send_app)
+                # A declared length is the most uvicorn delivers: it was checked above.
+                await self.app(scope, receive if length else receive_counted, send_app)
             finally:
                 self.in_flight -= capped
         finally:
@@ -411,6 +413,9 @@ if __name__ == "__main__":
         http="httptools",
         log_config=None,  # keep the JSON logging configured above
         access_log=False,  # Edge writes it, as JSON
+        # X-Forwarded-For is trusted from 127.0.0.1 only, and the ELB (TCP listeners) sends none:
+        # the middleware would only add a coroutine frame to every request in flight.
+        proxy_headers=False,
         server_header=False,
         # Listen queue for a burst of new connections (the kernel caps it at net.core.somaxconn,
         # 4096 by default); uvicorn's 2048 makes a burst of 5,000 wait for SYN retries.
