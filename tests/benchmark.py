@@ -451,13 +451,19 @@ def latency_chart(measured: dict, concurrency: int = 5_000) -> Figure:
 LATENCY_MARGINS = {"left": 0.06, "right": 0.98, "top": 0.86, "bottom": 0.12, "wspace": 0.35}
 
 
+BREAKDOWN = "## Where a request in flight's memory goes"
+
+
 def write_outputs(measured: dict) -> None:
     text = section(measured)
     path = TESTS / "measured.json"
     # Keep what other benchmarks wrote there (tests/overload_benchmark.py's "overload").
     measured = json.loads(path.read_text()) | measured if path.exists() else measured
     path.write_text(json.dumps(measured, indent=2) + "\n")
-    (TESTS / "performance.md").write_text(text + "\n")
+    # Below the run's section, the tracemalloc breakdown (tests/memory_profile.py) stays as it is.
+    perf = TESTS / "performance.md"
+    breakdown = perf.read_text().partition(BREAKDOWN)[2] if perf.exists() else ""
+    perf.write_text(text + "\n" + (f"\n{BREAKDOWN}{breakdown}" if breakdown else ""))
     # The swarm-to-replicas table and charts are computed from measured.json: refresh them too.
     import cluster_model
 
