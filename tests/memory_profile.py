@@ -50,6 +50,8 @@ PACKAGES = ("service.py", "floor_app.py", "fastapi", "starlette", "uvicorn", "py
 
 
 def package(frame: tracemalloc.Frame) -> str:
+    if "body_limit" in frame.filename:  # FastAPI's max_body_size: its own line in the breakdown
+        return "fastapi+starlette body limit"
     return next((p for p in PACKAGES if f"/{p}" in frame.filename), Path(frame.filename).name)
 
 
