@@ -14,8 +14,13 @@ a fresh namespace that Pod Security admission holds to `restricted`, deleted at 
   E2E_DIAGNOSTICS          a file for the HPA, pods, events and logs, written before the
                            namespace goes (CI shows it when a test failed)
 Without a cluster that answers, or without E2E_IMAGE, the module skips with one line.
+
+The full demo, as docs/demo-measured.{json,svg} were recorded (about 12 minutes):
+    E2E_IMAGE=... E2E_DEMO_OUT=docs/demo-measured.json uv run --with-requirements service.py \
+        --with-requirements tests/requirements.txt pytest tests/test_e2e.py
 """
 
+import itertools
 import json
 import os
 import re
@@ -305,3 +310,23 @@ def test_committed_measured_chart_is_what_the_recorder_draws_from_its_json(tmp_p
     assert timeline["scenario"] == vars(rec.Scenario())
     assert timeline["locust"]["failures"] == 0 and rec.steps(timeline).peak >= 2
     assert "docs/demo-measured.svg" in README
+
+
+def test_recorder_reads_quantities_and_steps_as_the_api_writes_them() -> None:
+    assert [rec.cpu_m(q) for q in ("2500000n", "2500u", "3m", "1")] == [2.5, 2.5, 3.0, 1000.0]
+    samples = [{"t": t, "desired": d} for t, d in ((0, None), (5, 1), (35, 3), (50, 5), (310, 5), (400, 1))]
+    found = rec.steps({"samples": samples, "scenario": {"run_s": 300}, "hpa": {"min": 1}})
+    assert (found.reached, found.peak, found.back_s) == ([(35, 3), (50, 5)], 5, 100)
+
+
+def test_readme_quotes_the_committed_measurement() -> None:
+    timeline = json.loads(MEASURED.read_text())
+    found = rec.steps(timeline)
+    caption = re.search(r"^!\[[^\]]+\]\(docs/demo-measured\.svg\)\n\n(\*.+\*)$", README, re.M).group(1)
+    measured = ", ".join(f"{n} at {t:.0f} s" for t, n in found.reached)
+    assert f"{measured.replace(' at', ' pods at', 1)}, back to 1 pod {found.back_s:.0f} s after the swarm stops" in caption
+    assert f"{timeline['locust']['requests']:,} requests and 0 failures" in caption
+    assert timeline["where"]["kubernetes"] in caption and "tests/demo_recorder.py" in caption
+    ticks = rec.model_ticks(rec.Scenario(**timeline["scenario"]))
+    model = ", ".join(f"{k.replicas} at {k.t} s" for a, k in itertools.pairwise(ticks) if k.replicas > a.replicas)
+    assert f"the model (dashed) says {model}." in caption
