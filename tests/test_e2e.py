@@ -205,7 +205,8 @@ def test_demo_swarm_scales_out_and_back_with_no_failure(cluster: Cluster, tmp_pa
     # The slowest return to minReplicas the model gives for any swarm (two scale-down windows,
     # from maxReplicas: README "What to expect"), plus one HPA sync period: the cluster may scale
     # out further than the model, and metrics and syncs are not aligned with the swarm's end.
-    bound = cm.back_to_min_range_s(hpa, work)[1] + cm.SYNC_PERIOD_S
+    backs = [b for u in cm.TABLE_USERS if (b := cm.capacity_row(hpa, work, u).back_to_min_s)]
+    bound = max(backs, default=hpa.down.window_s) + cm.SYNC_PERIOD_S
     assert scenario.after_s >= bound + rec.SAMPLE_S, "E2E_DEMO_AFTER_SECONDS is too short to see it"
     timeline = rec.record(cluster.url, scenario, cluster.namespace, log=lambda _: None)
     out = Path(os.environ.get("E2E_DEMO_OUT") or tmp_path / "demo-measured.json")
