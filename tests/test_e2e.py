@@ -331,3 +331,17 @@ def test_readme_quotes_the_committed_measurement() -> None:
     ticks = rec.model_ticks(rec.Scenario(**timeline["scenario"]))
     model = ", ".join(f"{k.replicas} at {k.t} s" for a, k in itertools.pairwise(ticks) if k.replicas > a.replicas)
     assert f"the model (dashed) says {model}." in caption
+
+
+def test_readme_says_what_the_measured_plateau_read() -> None:
+    """The plateau: every user spawned, then one HPA sync and one sample, until the swarm stops."""
+    timeline = json.loads(MEASURED.read_text())
+    scenario = rec.Scenario(**timeline["scenario"])
+    start = scenario.users / scenario.spawn_rate + cm.SYNC_PERIOD_S + rec.SAMPLE_S
+    plateau = [s for s in timeline["samples"] if start <= s["t"] <= scenario.run_s]
+    average = [s["cpu_percent"] for s in plateau]
+    busiest = [max(s["pods_cpu_m"].values()) for s in plateau]
+    others = [v for s in plateau for v in sorted(s["pods_cpu_m"].values())[:-1]]
+    assert f"the pods read {min(average)} to {max(average)} % of their request during the plateau" in README
+    assert (f"the first pod stayed at {min(busiest):.0f} to {max(busiest):.0f}m while the others read "
+            f"{min(others):.0f} to {max(others):.0f}m") in README
