@@ -38,7 +38,7 @@ from pydantic import (
 )
 from pydantic_core import to_json
 from pydantic_settings import BaseSettings
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 
 # --- Settings ---------------------------------------------------------------------------------
@@ -142,26 +142,102 @@ def request_metrics(method: str, route: str, status: int) -> tuple[Counter, Hist
     return REQUESTS.labels(method, route, status), LATENCY.labels(method, route)
 
 
-class AccessLog:
-    """Pure ASGI middleware: one access-log line and the request metrics for every request."""
+async def answer(send: Send, status: int, detail: str, *headers: tuple[bytes, bytes]) -> None:
+    """A JSON error sent by the edge itself, before or instead of the app. The request's body is
+    left unread, so the connection ends with it."""
+    body = orjson.dumps({"detail": detail})
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+            (b"connection", b"close"), *headers,
+        ],
+    })
+    await send({"type": "http.response.body", "body": body})
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class Edge:
+    """The one ASGI layer in front of FastAPI: admission cap, body limit, access log and metrics,
+    and `Connection: close` once shutdown has begun.
+
+    Every request in flight keeps its frames alive for its whole delay, so this is one coroutine
+    frame with at most one `send` and one `receive` wrapper (tests/performance.md).
+    """
+
+    # The kubelet's probes and Prometheus must get through a full pod: a liveness probe failing
+    # under load would restart the pod and lose every request in it. They are cheap and few.
+    UNCAPPED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    def __init__(self, app: FastAPI) -> None:
         self.app = app
+        self.in_flight = 0
+        IN_FLIGHT.set_function(lambda: self.in_flight)
+        self.too_large = f"Request body is larger than MAX_BODY_BYTES ({settings.max_body_bytes} bytes)"
+
+    def closing(self, scope: Scope) -> bool:
+        """Whether this response ends its keep-alive connection: once shutdown has begun.
+
+        uvicorn closes a connection after a response whose headers say so
+        (httptools_impl.RequestResponseCycle.send), so each client learns on its next answer that
+        this connection is going, instead of finding it closed under its next request.
+        """
+        return not self.app.state.ready
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering
+        answered = False  # by the edge itself, over the body limit: the app's reply is dropped
+        capped = scope["path"] not in self.UNCAPPED
+        received = 0
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
 
-        async def send_wrapper(message: Message) -> None:
+        async def send_app(message: Message) -> None:
             nonlocal status
+            if answered:
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = message.get("headers", [])
+                if self.closing(scope) and (b"connection", b"close") not in headers:
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
+        if not length:  # a chunked body: the limit counts the bytes as they arrive
+
+            async def receive_counted() -> Message:
+                nonlocal status, answered, received
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received > settings.max_body_bytes and status == 500 and not answered:
+                    status, answered = 413, True  # before the app has sent anything
+                    await answer(send, 413, self.too_large)
+                    return {"type": "http.disconnect"}  # so the app stops: its client is gone
+                return message
+
         try:
-            await self.app(scope, receive, send_wrapper)
+            if capped and self.in_flight >= settings.max_in_flight:
+                # Each request in flight holds memory and a socket until its answer; past the
+                # cap the OOM killer would end the pod and every request in it. A rejected one
+                # costs almost nothing: its body is never read. uvicorn's limit_concurrency is
+                # not this: it counts connections (idle keep-alives too) and answers plain text.
+                REJECTED.inc()
+                # A slot frees as soon as a request in flight ends, within one DELAY_SECONDS.
+                retry_after = b"%d" % max(1, math.ceil(settings.delay_seconds))
+                detail = f"Busy: {settings.max_in_flight} requests in flight (MAX_IN_FLIGHT); retry later"
+                status = 503
+                return await answer(send, 503, detail, (b"retry-after", retry_after))
+            if length.isdigit() and int(length) > settings.max_body_bytes:  # answered unread
+                status = 413
+                return await answer(send, 413, self.too_large)
+            self.in_flight += capped
+            try:
+                # A declared length is the most uvicorn delivers: it was checked above.
+                await self.app(scope, receive if length else receive_counted, send_app)
+            finally:
+                self.in_flight -= capped
         finally:
             duration = time.perf_counter() - start
             # The route template, never the raw path, keeps metric labels bounded.
@@ -177,45 +253,6 @@ class AccessLog:
                 duration_ms=round(duration * 1000, 3),
                 client=scope["client"][0] if scope.get("client") else None,
             )
-
-
-class AdmissionCap:
-    """Pure ASGI middleware: past MAX_IN_FLIGHT requests in flight, answer 503 at once.
-
-    Each request in flight holds memory and a socket until its answer; past the cap the kernel's
-    OOM killer would otherwise end the pod and every request in it. A rejected request costs
-    almost nothing: its body is never read, and `Connection: close` frees the client's socket.
-    uvicorn's `limit_concurrency` is not this: it counts connections (idle keep-alives too) and
-    answers plain text.
-    """
-
-    # The kubelet's probes and Prometheus must get through a full pod: a liveness probe failing
-    # under load would restart the pod and lose every request in it. They are cheap and few.
-    UNCAPPED = frozenset({"/healthz", "/readyz", "/metrics"})
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.in_flight = 0
-        IN_FLIGHT.set_function(lambda: self.in_flight)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.UNCAPPED:
-            return await self.app(scope, receive, send)
-        if self.in_flight >= settings.max_in_flight:
-            REJECTED.inc()
-            # A slot frees as soon as a request in flight ends, within one DELAY_SECONDS.
-            retry_after = str(max(1, math.ceil(settings.delay_seconds)))
-            detail = f"Busy: {settings.max_in_flight} requests in flight (MAX_IN_FLIGHT); retry later"
-            response = JSONResponse(
-                {"detail": detail}, status_code=503,
-                headers={"Retry-After": retry_after, "Connection": "close"},
-            )
-            return await response(scope, receive, send)
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
 
 
 # --- App --------------------------------------------------------------------------------------
@@ -242,48 +279,15 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
-class JSONTooLarge:
-    """Turn the body limit's plain-text 413 into the JSON every other error of this API uses."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        replacing = False
-
-        async def send_json(message: Message) -> None:
-            nonlocal replacing
-            if message["type"] == "http.response.start" and message["status"] == 413:
-                replacing = True
-            elif not replacing:
-                await send(message)
-            elif not message.get("more_body"):
-                detail = f"Request body is larger than MAX_BODY_BYTES ({settings.max_body_bytes} bytes)"
-                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-
-        await self.app(scope, receive, send_json)
-
-
-class App(FastAPI):
-    def build_middleware_stack(self) -> ASGIApp:
-        # FastAPI's body limit sits outside every user middleware and answers 413 in plain text.
-        return JSONTooLarge(super().build_middleware_stack())
-
-
-app = App(
+app = FastAPI(
     title="Simple Math API",
     description="A simple API to perform basic arithmetic operations",
     version="1.0.0",
-    max_body_size=settings.max_body_bytes,
     # FastAPI's built-in OpenTelemetry checks for providers on every request; this image ships
     # no OpenTelemetry SDK (metrics are Prometheus, logs are the JSON lines above).
     telemetry={"tracing": False, "metrics": False, "logs": False},
 )
 app.state.ready = True
-# The last added runs first: AccessLog sees every request, so a 503 from the cap is logged and
-# counted like any other. Nothing outside the cap reads the body (FastAPI's limit only wraps it).
-app.add_middleware(AdmissionCap)
-app.add_middleware(AccessLog)
 
 
 @app.exception_handler(RequestValidationError)
@@ -371,28 +375,6 @@ def fit_open_file_limit() -> None:
     settings.max_in_flight = min(settings.max_in_flight, fits)
 
 
-class CloseWhenShuttingDown:
-    """Once shutdown has begun, every response says `Connection: close`.
-
-    uvicorn ends a keep-alive connection after a response whose headers say so
-    (httptools_impl.RequestResponseCycle.send), so each client learns on its next answer that
-    this connection is going, instead of finding it closed under its next request.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def send_close(message: Message) -> None:
-            if message["type"] == "http.response.start" and not app.state.ready:
-                headers = list(message.get("headers", []))
-                if (b"connection", b"close") not in headers:  # once is enough
-                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            await send(message)
-
-        await self.app(scope, receive, send_close if scope["type"] == "http" else send)
-
-
 class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         # SIGTERM: fail readiness at once; uvicorn then stops accepting and lets every
@@ -404,7 +386,7 @@ class Server(uvicorn.Server):
         # uvicorn's own shutdown closes every idle keep-alive connection at once
         # (HttpToolsProtocol.shutdown: transport.close()), and a client sending its next request
         # in that instant gets no answer. So first only stop accepting, and let each connection
-        # end itself: after its next response (CloseWhenShuttingDown) or at uvicorn's keep-alive
+        # end itself: after its next response (Edge.closing) or at uvicorn's keep-alive
         # timeout, whose timer runs on the loop whether or not main_loop does. Every idle
         # connection's timer has fired by the deadline; uvicorn's shutdown then drains what is
         # left: requests in flight, and connections that never sent one (they have no timer).
@@ -424,13 +406,16 @@ if __name__ == "__main__":
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
     config = uvicorn.Config(
-        CloseWhenShuttingDown(app),
+        Edge(app),
         host="0.0.0.0",
         port=settings.port,
         loop="uvloop" if sys.platform != "win32" else "auto",
         http="httptools",
         log_config=None,  # keep the JSON logging configured above
-        access_log=False,  # AccessLog writes it, as JSON
+        access_log=False,  # Edge writes it, as JSON
+        # X-Forwarded-For is trusted from 127.0.0.1 only, and the ELB (TCP listeners) sends none:
+        # the middleware would only add a coroutine frame to every request in flight.
+        proxy_headers=False,
         server_header=False,
         # Listen queue for a burst of new connections (the kernel caps it at net.core.somaxconn,
         # 4096 by default); uvicorn's 2048 makes a burst of 5,000 wait for SYN retries.

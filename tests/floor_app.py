@@ -49,6 +49,7 @@ if __name__ == "__main__":
         http="httptools",
         log_config=None,
         access_log=False,
+        proxy_headers=False,  # as service.py
         server_header=False,
         backlog=4096,  # as service.py
     )

@@ -1,7 +1,6 @@
 """Overload benchmark: the real image, run with deployment.yaml's limits, under bursts of requests.
 
-Run from the repository root (Linux; docker, or podman: on the project's build machine first
-`. /var/tmp/container-sandbox/env.sh`):
+Run from the repository root (Linux; docker, or podman with CONTAINER_ENGINE=podman):
 
     uv run --with-requirements service.py --with-requirements tests/requirements.txt \
         python tests/overload_benchmark.py [--ladder 1000,5000,...] [--no-write]

@@ -1,5 +1,5 @@
 """The README's AWS path, executed: its shell blocks in README order under `bash -euo pipefail`,
-against stub aws, eksctl, docker, kubectl, curl and locust on PATH that record their arguments
+against stub aws, eksctl, docker, kubectl, curl, locust and uv on PATH that record their arguments
 and answer as the real tools do. Nothing leaves this machine.
 
 What it shows, for the dozen-command block and for the explained steps: no variable is unset;
@@ -134,6 +134,8 @@ esac
 """,
     "curl": """echo '{{"result":15.0}}'\n""",
     "locust": """echo "Aggregated  0 failures"\n""",
+    # The demo recorder (Monitor Scaling) runs through uv; it writes files, asks nothing.
+    "uv": """echo "wrote demo-eks.json and demo-eks.svg"\n""",
 }
 
 
