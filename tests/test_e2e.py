@@ -225,9 +225,11 @@ def test_demo_swarm_scales_out_and_back_with_no_failure(cluster: Cluster, tmp_pa
     assert found.peak < hpa.max_replicas or predicted == hpa.max_replicas, found
     # Load follows the pods the HPA adds (MAX_CONNECTION_AGE_SECONDS): from 60 s after the last
     # scale-out until the swarm stops, the busiest pod reads at most 1.5x the least busy one.
+    # (A demo shortened by E2E_DEMO_SECONDS may stop sooner than that: nothing to compare then.)
     last_out, spread = pod_spread(timeline)
-    assert spread or found.peak == 1, f"no reading 60 s after the last scale-out at {last_out} s"
-    assert all(r <= 1.5 for r in spread), f"busiest/least busy pod from {last_out + 60} s: {spread}"
+    if found.peak > 1 and last_out + 60 + rec.SAMPLE_S <= scenario.run_s:
+        assert spread, f"no reading with every pod 60 s after the last scale-out at {last_out} s"
+        assert all(r <= 1.5 for r in spread), f"busiest/least busy pod from {last_out + 60} s: {spread}"
 
 
 def pod_spread(timeline: dict) -> tuple[float, list[float]]:
