@@ -1,7 +1,6 @@
 """CPU per request as the HPA reads it: the real image under the project's locust swarm.
 
-Run from the repository root (Linux; docker, or podman: on the project's build machine first
-`. /var/tmp/container-sandbox/env.sh`):
+Run from the repository root (Linux; docker or podman, or the engine CONTAINER_ENGINE names):
 
     uv run --with-requirements service.py --with-requirements tests/requirements.txt \
         python tests/demo_rate_benchmark.py [--users 60,150,...] [--window 30] [--no-write]
