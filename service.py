@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     # Requests handled at once (probes and /metrics excepted); past it, an immediate 503.
     # Sized to the pod's memory limit in deployment.yaml; this default fits its 512Mi.
     max_in_flight: int = Field(10_000, ge=1)
+    # kube-proxy and a load balancer's TCP listener place a connection once, when it opens: past
+    # this age its next response says `Connection: close`, and the client reconnects, also to the
+    # pods the HPA has added since. The HPA's sync period (15 s): each connection is rebalanced
+    # once per HPA decision, before the next one reads the pods' CPU; shorter only adds reconnects.
+    max_connection_age_seconds: float = Field(15.0, gt=0, allow_inf_nan=False)
 
 
 # --- Logging ----------------------------------------------------------------------------------
@@ -157,9 +162,37 @@ async def answer(send: Send, status: int, detail: str, *headers: tuple[bytes, by
     await send({"type": "http.response.body", "body": body})
 
 
+class ConnectionAges:
+    """When each open keep-alive connection got its first answer, by client address and port
+    (unique while it is open; ASGI names no connection)."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.first: dict[tuple[str, int], float] = {}
+        self.pruned = time.monotonic()
+
+    def expired(self, client: tuple[str, int] | None) -> bool:
+        """True, once, for the first answer on a connection that has lived past the limit."""
+        if client is None:  # a Unix socket: nothing to balance
+            return False
+        client = tuple(client)
+        now = time.monotonic()
+        if now - self.pruned > self.limit:
+            # Connections that ended unasked (the client left, uvicorn's keep-alive timeout)
+            # leave their entry: drop those past twice the limit. A connection still open there
+            # only starts a new age, at most one more limit long.
+            self.first = {c: t for c, t in self.first.items() if now - t < 2 * self.limit}
+            self.pruned = now
+        if now - self.first.setdefault(client, now) < self.limit:
+            return False
+        del self.first[client]
+        return True
+
+
 class Edge:
     """The one ASGI layer in front of FastAPI: admission cap, body limit, access log and metrics,
-    and `Connection: close` once shutdown has begun.
+    and `Connection: close` once shutdown has begun or the connection is MAX_CONNECTION_AGE_SECONDS
+    old.
 
     Every request in flight keeps its frames alive for its whole delay, so this is one coroutine
     frame with at most one `send` and one `receive` wrapper (tests/performance.md).
@@ -174,15 +207,17 @@ class Edge:
         self.in_flight = 0
         IN_FLIGHT.set_function(lambda: self.in_flight)
         self.too_large = f"Request body is larger than MAX_BODY_BYTES ({settings.max_body_bytes} bytes)"
+        self.ages = ConnectionAges(settings.max_connection_age_seconds)
 
     def closing(self, scope: Scope) -> bool:
-        """Whether this response ends its keep-alive connection: once shutdown has begun.
+        """Whether this response ends its keep-alive connection: once shutdown has begun, or
+        when the connection has served MAX_CONNECTION_AGE_SECONDS.
 
         uvicorn closes a connection after a response whose headers say so
         (httptools_impl.RequestResponseCycle.send), so each client learns on its next answer that
         this connection is going, instead of finding it closed under its next request.
         """
-        return not self.app.state.ready
+        return not self.app.state.ready or self.ages.expired(scope.get("client"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

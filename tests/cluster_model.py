@@ -22,7 +22,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,41 +79,74 @@ def service_default(name: str) -> float:
 
 @dataclass(frozen=True)
 class Measured:
-    """What one service process costs, from tests/measured.json ("service")."""
+    """What one pod costs, from tests/measured.json.
 
-    cpu_ms_per_request: float  # server process user+sys CPU per request, in ms
+    CPU is the container's, as the kubelet counts it and the HPA reads it, under the project's
+    locustfile at a pod's share of a demo swarm ("demo_rate", tests/demo_rate_benchmark.py): a
+    request there wakes the event loop almost on its own, and costs several times what it does
+    at saturation ("service"'s cpu_us_per_request, tests/benchmark.py's comparison against the
+    floor, which the model does not use). Memory is the service process's ("service").
+    """
+
     idle_cpu_m: float  # millicores with no traffic at all
+    # (requests/s, millicores above idle) measured points, ascending; linear between them and
+    # beyond the last along the last segment.
+    cpu_curve: tuple[tuple[float, float], ...]
     idle_rss_mib: float
     rss_mib_per_in_flight: float  # grows with requests in flight; CPython keeps it afterwards
 
     @classmethod
     def load(cls, path: Path = MEASURED) -> Measured:
-        s = json.loads(path.read_text())["service"]
+        measured = json.loads(path.read_text())
+        s, d = measured["service"], measured["demo_rate"]
+        idle = d["idle_cpu_millicores"]
+        points = sorted((p["requests_per_s"], p["cpu_millicores"] - idle) for p in d["points"])
         return cls(
-            cpu_ms_per_request=s["cpu_us_per_request"] / 1000,
-            idle_cpu_m=s["idle_cpu_millicores"],
+            idle_cpu_m=idle,
+            cpu_curve=((0.0, 0.0), *points),
             idle_rss_mib=s["idle_rss_mib"],
             rss_mib_per_in_flight=(s["peak_rss_mib_10000"] - s["idle_rss_mib"]) / 10_000,
         )
 
+    def load_cpu_m(self, requests_per_s: float) -> float:
+        """Millicores above idle at this request rate (piecewise linear through the points)."""
+        (r0, c0), (r1, c1) = self.cpu_curve[-2:]
+        for lo, hi in itertools.pairwise(self.cpu_curve):
+            if requests_per_s <= hi[0]:
+                (r0, c0), (r1, c1) = lo, hi
+                break
+        return c0 + (requests_per_s - r0) * (c1 - c0) / (r1 - r0)
+
+    def scaled(self, factor: float) -> Measured:
+        """The same service with every request costing `factor` times as much CPU."""
+        return replace(self, cpu_curve=tuple((r, c * factor) for r, c in self.cpu_curve))
+
 
 # --- The locust swarm -------------------------------------------------------------------------
 
-# locustfile.py: every user waits between(1, 2) s after each answer. Only POST / is modelled; the
-# locustfile's occasional GET /healthz adds ~7 % more requests, which only helps scale-up.
+# locustfile.py: each user runs one task, then waits between(1, 2) s; POST / has weight 10 and
+# GET /healthz (answered at once) weight 1. test_cluster.py checks these against the locustfile.
 THINK_S = 1.5
+TASK_WEIGHTS = {"POST /": 10, "GET /healthz": 1}
 # Client -> ELB -> pod and back, on top of DELAY_SECONDS. A longer trip lowers the rate.
 ROUND_TRIP_S = 0.1
 
 
+def _post_share() -> float:
+    return TASK_WEIGHTS["POST /"] / sum(TASK_WEIGHTS.values())
+
+
 def request_rate(users: float, delay_s: float) -> float:
-    """Requests per second: each user loops request (delay + round trip), then think time."""
-    return users / (THINK_S + delay_s + ROUND_TRIP_S)
+    """Requests per second, POST / and GET /healthz: each user loops one task (a POST waits
+    delay + round trip for its answer, a GET the round trip), then think time."""
+    post = _post_share()
+    cycle_s = post * (delay_s + ROUND_TRIP_S) + (1 - post) * ROUND_TRIP_S + THINK_S
+    return users / cycle_s
 
 
 def in_flight(users: float, delay_s: float) -> float:
-    """Requests waiting in the service at any moment (Little's law)."""
-    return request_rate(users, delay_s) * (delay_s + ROUND_TRIP_S)
+    """Requests waiting in the service at any moment (Little's law; the GETs take no time)."""
+    return request_rate(users, delay_s) * _post_share() * (delay_s + ROUND_TRIP_S)
 
 
 # --- Scheduling: where pods fit ---------------------------------------------------------------
@@ -268,10 +301,9 @@ class Workload:
         return AZS * self.nodes / interval_s
 
     def pod_cpu_m(self, requests_per_s: float) -> float:
-        """The container's CPU (what cAdvisor and metrics-server report): the Python process is
-        PID 1 and alone in the container, so it is the process's user+sys time."""
-        m = self.measured
-        return m.idle_cpu_m + (requests_per_s + self.probes_per_s) * m.cpu_ms_per_request
+        """The container's CPU (what cAdvisor and metrics-server report) at this request rate,
+        probes included: measured the same way, from the container's cgroup."""
+        return self.measured.idle_cpu_m + self.measured.load_cpu_m(requests_per_s + self.probes_per_s)
 
     def pod_rss_mib(self, requests_in_flight: float) -> float:
         return self.measured.idle_rss_mib + requests_in_flight * self.measured.rss_mib_per_in_flight
@@ -387,8 +419,9 @@ def simulate(
         u = users(t)
         ready = [p for p in pods if p.ready(t)]
         if ready:
-            # Totals are what the HPA sums; how the ELB and kube-proxy spread them (locust keeps
-            # its connections open, so new pods get fewer) changes no replica count.
+            # Spread evenly: kube-proxy and the ELB balance connections, and the service ends each
+            # keep-alive connection after MAX_CONNECTION_AGE_SECONDS, so clients reconnect and the
+            # pods the HPA adds get their share within one sync period.
             share = (request_rate(u, work.delay_s) + work.elb_checks_per_s()) / len(ready)
             flight = in_flight(u, work.delay_s) / len(ready)
             for p in ready:
@@ -539,8 +572,10 @@ def capacity_table(users: tuple[int, ...] = TABLE_USERS) -> str:
     m = work.measured
     lines += [
         "",
-        f"Model inputs: {m.cpu_ms_per_request * 1000:.0f} µs CPU per request, {m.idle_cpu_m:g}m idle CPU, "
-        f"{m.idle_rss_mib:g} MiB idle RSS (tests/measured.json); DELAY_SECONDS {work.delay_s:g} s; "
+        "Model inputs: the pod's CPU as the kubelet counts it (tests/demo_rate_benchmark.py, "
+        f"tests/measured.json \"demo_rate\"): {m.idle_cpu_m:g}m idle, "
+        + ", ".join(f"{m.idle_cpu_m + c:.0f}m at {r:g}" for r, c in m.cpu_curve[1:])
+        + f" requests/s; {m.idle_rss_mib:g} MiB idle RSS (tests/benchmark.py); DELAY_SECONDS {work.delay_s:g} s; "
         f"think time 1-2 s; request {work.requests.cpu_m:g}m CPU, HPA target {target}% "
         f"({work.requests.cpu_m * target / 100:g}m per pod); swarm spawned at {SPAWN_RATE} users/s, "
         f"settled after 15 min. {work.capacity} app pods fit on {work.nodes} {T3_LARGE.name} nodes "
