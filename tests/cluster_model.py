@@ -683,11 +683,16 @@ def demo_chart(hpa: HPA, work: Workload) -> Figure:
     marks = [(DEMO_RUN_S, "0.2", f"swarm stops: {DEMO_RUN_S} s ", "right")]
     if back is not None:
         marks.append((back, "C2", f" back to {hpa.min_replicas} pod: {back} s", "left"))
-    for t, color, label, side in marks:
-        for ax in (top, pods, cpu):
-            ax.axvline(t, color=color, ls=":", lw=1.5)
-        top.text(t, 0.97, label, transform=top.get_xaxis_transform(), ha=side, va="top", color=color)
+    draw_marks(marks, top, pods, cpu)
     return fig
+
+
+def draw_marks(marks: list[tuple[float, str, str, str]], top, *others) -> None:
+    """Each (time, color, label, side) as a dotted line across every axis, labelled on the top one."""
+    for at, color, label, side in marks:
+        for ax in (top, *others):
+            ax.axvline(at, color=color, ls=":", lw=1.5)
+        top.text(at, 0.97, label, transform=top.get_xaxis_transform(), ha=side, va="top", color=color)
 
 
 def capacity_chart(hpa: HPA, work: Workload) -> Figure:

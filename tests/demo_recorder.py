@@ -282,10 +282,7 @@ def measured_chart(timeline: dict) -> Figure:
     if found.back_s is not None:
         marks.append((scenario.run_s + found.back_s, "C2",
                       f" back to {hpa['min']} pod: +{found.back_s:.0f} s", "left"))
-    for at, color, label, side in marks:
-        for ax in (top, pods, cpu):
-            ax.axvline(at, color=color, ls=":", lw=1.5)
-        top.text(at, 0.97, label, transform=top.get_xaxis_transform(), ha=side, va="top", color=color)
+    cm.draw_marks(marks, top, pods, cpu)
     return fig
 
 
