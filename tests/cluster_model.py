@@ -624,7 +624,7 @@ def draw_svg(path: Path, draw: Callable[..., Figure], *args) -> Path:
 def demo_chart(hpa: HPA, work: Workload) -> Figure:
     """The demo swarm against the HPA: users, replicas, and the CPU the HPA acts on."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator, MultipleLocator
+    from matplotlib.ticker import MaxNLocator
 
     users = swarm(DEMO_USERS, stop_at=DEMO_RUN_S)
     start = Tick(0, users(0), hpa.min_replicas, hpa.min_replicas, {})
@@ -671,20 +671,26 @@ def demo_chart(hpa: HPA, work: Workload) -> Figure:
                 label=f"within {TOLERANCE:.0%} of the target: no change")
     cpu.set_ylabel("CPU, % of the pod's request")
     cpu.set_ylim(0, max(filter(math.isfinite, utilization), default=target) * 1.3)
-    request_m = work.requests.cpu_m
-    cpu.secondary_yaxis(
-        "right", functions=(lambda p: p * request_m / 100, lambda m: m * 100 / request_m)
-    ).set_ylabel("millicores per pod")
-    cpu.legend(loc="upper right")
-    cpu.set_xlabel("time since the swarm started (s)")
-    cpu.xaxis.set_major_locator(MultipleLocator(60))
-    cpu.set_xlim(0, seconds[-1])
+    finish_cpu_axis(cpu, work.requests.cpu_m, seconds[-1])
 
     marks = [(DEMO_RUN_S, "0.2", f"swarm stops: {DEMO_RUN_S} s ", "right")]
     if back is not None:
         marks.append((back, "C2", f" back to {hpa.min_replicas} pod: {back} s", "left"))
     draw_marks(marks, top, pods, cpu)
     return fig
+
+
+def finish_cpu_axis(cpu, request_m: float, end: float) -> None:
+    """Millicores beside the percentages, the legend, and minutes along the time axis."""
+    from matplotlib.ticker import MultipleLocator
+
+    cpu.secondary_yaxis(
+        "right", functions=(lambda p: p * request_m / 100, lambda m: m * 100 / request_m)
+    ).set_ylabel("millicores per pod")
+    cpu.legend(loc="upper right")
+    cpu.set_xlabel("time since the swarm started (s)")
+    cpu.xaxis.set_major_locator(MultipleLocator(60))
+    cpu.set_xlim(0, end)
 
 
 def draw_marks(marks: list[tuple[float, str, str, str]], top, *others) -> None:

@@ -205,7 +205,7 @@ def model_back_s(scenario: Scenario) -> int | None:
 def measured_chart(timeline: dict) -> Figure:
     """Measured replicas and CPU (solid) over the model's (dashed), in demo-timeline.svg's layout."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator, MultipleLocator
+    from matplotlib.ticker import MaxNLocator
 
     scenario = Scenario(**timeline["scenario"])
     hpa, where_ = timeline["hpa"], timeline["where"]
@@ -270,13 +270,7 @@ def measured_chart(timeline: dict) -> Figure:
     peak = max(filter(math.isfinite, measured + modelled), default=target)
     per_pod = [100 * v / request_m for s in samples for v in s["pods_cpu_m"].values()]
     cpu.set_ylim(0, max(peak, *per_pod, target) * 1.15)
-    cpu.secondary_yaxis(
-        "right", functions=(lambda p: p * request_m / 100, lambda m: m * 100 / request_m)
-    ).set_ylabel("millicores per pod")
-    cpu.legend(loc="upper right")
-    cpu.set_xlabel("time since the swarm started (s)")
-    cpu.xaxis.set_major_locator(MultipleLocator(60))
-    cpu.set_xlim(0, end)
+    cm.finish_cpu_axis(cpu, request_m, end)
 
     marks = [(scenario.run_s, "0.2", f"swarm stops: {scenario.run_s} s ", "right")]
     if found.back_s is not None:
