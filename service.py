@@ -30,7 +30,6 @@ import structlog
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from pydantic import (
     BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, Strict, ValidationError,
@@ -151,14 +150,9 @@ async def answer(send: Send, status: int, detail: str, *headers: tuple[bytes, by
     """A JSON error sent by the edge itself, before or instead of the app. The request's body is
     left unread, so the connection ends with it."""
     body = orjson.dumps({"detail": detail})
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-            (b"connection", b"close"), *headers,
-        ],
-    })
+    headers = ((b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+               (b"connection", b"close"), *headers)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -191,8 +185,7 @@ class ConnectionAges:
 
 class Edge:
     """The one ASGI layer in front of FastAPI: admission cap, body limit, access log and metrics,
-    and `Connection: close` once shutdown has begun or the connection is MAX_CONNECTION_AGE_SECONDS
-    old.
+    and `Connection: close` once shutdown has begun or past MAX_CONNECTION_AGE_SECONDS.
 
     Every request in flight keeps its frames alive for its whole delay, so this is one coroutine
     frame with at most one `send` and one `receive` wrapper (tests/performance.md).
@@ -210,13 +203,9 @@ class Edge:
         self.ages = ConnectionAges(settings.max_connection_age_seconds)
 
     def closing(self, scope: Scope) -> bool:
-        """Whether this response ends its keep-alive connection: once shutdown has begun, or
-        when the connection has served MAX_CONNECTION_AGE_SECONDS.
-
-        uvicorn closes a connection after a response whose headers say so
-        (httptools_impl.RequestResponseCycle.send), so each client learns on its next answer that
-        this connection is going, instead of finding it closed under its next request.
-        """
+        """Whether this response ends its keep-alive connection. uvicorn closes a connection after
+        a response whose headers say so (httptools_impl.RequestResponseCycle.send): each client
+        learns on its next answer that the connection is going, not under its next request."""
         return not self.app.state.ready or self.ages.expired(scope.get("client"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -280,14 +269,9 @@ class Edge:
             requests, latency = request_metrics(scope["method"], route, status)
             requests.inc()
             latency.observe(duration)
-            logger.info(
-                "request",
-                method=scope["method"],
-                path=scope["path"],
-                status=status,
-                duration_ms=round(duration * 1000, 3),
-                client=scope["client"][0] if scope.get("client") else None,
-            )
+            client = scope["client"][0] if scope.get("client") else None
+            logger.info("request", method=scope["method"], path=scope["path"], status=status,
+                        duration_ms=round(duration * 1000, 3), client=client)
 
 
 # --- App --------------------------------------------------------------------------------------
@@ -359,8 +343,7 @@ async def metrics() -> Response:
     responses={
         413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
         503: {
-            "model": ErrorResponse,
-            "description": "MAX_IN_FLIGHT requests in flight: answered at once, body unread",
+            "model": ErrorResponse, "description": "MAX_IN_FLIGHT in flight: answered at once, body unread",
             "headers": {"Retry-After": {"description": "Seconds", "schema": {"type": "integer"}}},
         },
     },
@@ -399,12 +382,8 @@ def fit_open_file_limit() -> None:
     fits = hard - reserve
     binding = "MAX_IN_FLIGHT" if settings.max_in_flight <= fits else "RLIMIT_NOFILE"
     (logger.info if binding == "MAX_IN_FLIGHT" else logger.warning)(
-        "admission cap",
-        binding=binding,
-        max_in_flight=min(settings.max_in_flight, fits),
-        max_in_flight_setting=settings.max_in_flight,
-        open_files=hard,
-        open_files_was=was,
+        "admission cap", binding=binding, max_in_flight=min(settings.max_in_flight, fits),
+        max_in_flight_setting=settings.max_in_flight, open_files=hard, open_files_was=was,
         fd_reserve=reserve,
     )
     settings.max_in_flight = min(settings.max_in_flight, fits)
@@ -419,12 +398,11 @@ class Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn's own shutdown closes every idle keep-alive connection at once
-        # (HttpToolsProtocol.shutdown: transport.close()), and a client sending its next request
-        # in that instant gets no answer. So first only stop accepting, and let each connection
-        # end itself: after its next response (Edge.closing) or at uvicorn's keep-alive
-        # timeout, whose timer runs on the loop whether or not main_loop does. Every idle
-        # connection's timer has fired by the deadline; uvicorn's shutdown then drains what is
-        # left: requests in flight, and connections that never sent one (they have no timer).
+        # (HttpToolsProtocol.shutdown), and a client sending its next request in that instant gets
+        # no answer. So first only stop accepting, and let each connection end itself: after its
+        # next response (Edge.closing) or at uvicorn's keep-alive timeout, whose timer runs on the
+        # loop either way. By the deadline every idle one has gone; uvicorn's shutdown then drains
+        # the rest: requests in flight, and connections that never sent one (they have no timer).
         for server in self.servers:
             server.close()
         deadline = time.monotonic() + self.config.timeout_keep_alive + 1
