@@ -45,7 +45,11 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-APPS = {"service": ROOT / "service.py", "floor": TESTS / "floor_app.py"}
+APPS = {
+    "service": ROOT / "service.py",
+    "fastapi": TESTS / "fastapi_floor_app.py",
+    "floor": TESTS / "floor_app.py",
+}
 SERVER_CPU, CLIENT_CPU = "0", "1"
 TICK = os.sysconf("SC_CLK_TCK")
 BODY = b'{"a": 10, "b": 5}'
@@ -361,30 +365,42 @@ ROWS = [
 ]
 
 
-def table(service: dict, floor: dict) -> str:
-    lines = ["| Measure | service.py | bare-ASGI floor | ratio | target | |", "|---|---:|---:|---:|---|---|"]
+def table(measured: dict) -> str:
+    """service.py, FastAPI alone and the floor side by side; the targets are the service's."""
+    service, fastapi, floor = (measured.get(app, {}) for app in ("service", "fastapi", "floor"))
+    lines = [
+        "| Measure | service.py | FastAPI alone | bare-ASGI floor | service / floor "
+        "| FastAPI alone / floor | target (service.py) | |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+
+    def ratio(value: float | None, f: float) -> str:
+        return f"{value / f:.2f}x" if isinstance(value, (int, float)) and f else ""
+
     for label, key in ROWS:
         if key not in service or key not in floor:
             continue
-        s, f = service[key], floor[key]
-        ratio = f"{s / f:.2f}x" if isinstance(f, (int, float)) and f else ""
+        s, a, f = service[key], fastapi.get(key), floor[key]
         target, met = verdict(key, service, floor)
-        lines.append(f"| {label} | {s:g} | {f:g} | {ratio} | {target} | {met} |")
+        shown = "" if a is None else f"{a:g}"
+        lines.append(f"| {label} | {s:g} | {shown} | {f:g} | {ratio(s, f)} | {ratio(a, f)} | {target} | {met} |")
     return "\n".join(lines)
 
 
 def section(measured: dict) -> str:
-    service, floor = measured["service"], measured["floor"]
     return "\n".join([
         f"Measured {measured['date']} on {measured['machine']} (load average "
         f"{measured['load_average_before']} before the run; other work on the machine adds noise, "
         "so compare the columns, which come from the same run).",
         "",
-        table(service, floor),
+        table(measured),
         "",
         f"Command: `{measured['command']}`. Server pinned to core {SERVER_CPU}, load generator "
         f"on core {CLIENT_CPU}; the floor is `tests/floor_app.py` (bare ASGI on the same uvicorn, "
-        "uvloop, httptools; no framework, validation, logging or metrics). CPU per request is the "
+        "uvloop, httptools; no framework, validation, logging or metrics); FastAPI alone is "
+        "`tests/fastapi_floor_app.py` (the same route as FastAPI's tutorial writes it, on the same "
+        "uvicorn settings: what service.py costs above it is what the service adds to FastAPI). "
+        "CPU per request is the "
         "server's user+sys CPU over the requests wrk completed (keep-alive, 50 connections). The "
         "concurrent waves open every connection in one burst (`Connection: close`); latency runs "
         "from connect() to the last byte; peak RSS is VmHWM of a fresh server process per wave.",
@@ -400,25 +416,27 @@ def replace_marked(content: str, name: str, text: str) -> str:
 
 
 def latency_chart(measured: dict, concurrency: int = 5_000) -> Figure:
-    """The burst's latency distribution, service against floor; CPU and memory per request as bars."""
+    """The burst's latency distribution, service against FastAPI alone and the floor; CPU and memory
+    per request as bars."""
     from matplotlib.figure import Figure
 
-    apps = {"service": ("service.py", "C0", "-"), "floor": ("bare-ASGI floor", "C1", "--")}
+    apps = {"service": ("service.py", "C0", "-"), "fastapi": ("FastAPI alone", "C2", "-."),
+            "floor": ("bare-ASGI floor", "C1", "--")}
+    apps = {key: style for key, style in apps.items() if key in measured}
     fig = Figure(figsize=(12, 4.8))
     cdf, bars, memory = fig.subplots(1, 3, width_ratios=(3, 1, 1), gridspec_kw=LATENCY_MARGINS)
     fig.suptitle(
-        f"{concurrency:,} requests at once: service.py against the bare-ASGI floor, "
+        f"{concurrency:,} requests at once: service.py, FastAPI alone and the bare-ASGI floor, "
         f"same run ({measured['date']})",
         fontsize=13,
     )
     percent = range(101)
     for key, (label, color, style) in apps.items():
         quantiles = measured[key][f"latency_quantiles_s_{concurrency}"]
-        cdf.plot(quantiles, percent, color=color, ls=style, lw=2, label=label)
-        for p, offset, side in ((50, (6, -14), "left"), (99, (-8, 4), "right")):
-            cdf.plot(quantiles[p], p, "o", color=color)
-            cdf.annotate(f"p{p} {quantiles[p]:.2f} s", (quantiles[p], p), xytext=offset,
-                         textcoords="offset points", ha=side, color=color)
+        # p50 and p99 marked on the curve and named in the legend: medians this close would overlap.
+        cdf.plot(quantiles, percent, color=color, ls=style, lw=2,
+                 label=f"{label}: p50 {quantiles[50]:.2f} s, p99 {quantiles[99]:.2f} s")
+        cdf.plot([quantiles[50], quantiles[99]], [50, 99], "o", color=color)
     cdf.axvline(5, color="0.4", ls=":", lw=1.5, label="the 5 s sleep")
     if target := TARGETS.get(f"p99_s_{concurrency}"):
         cdf.axvline(target[0], color="C3", ls=":", lw=1.5, label=f"p99 target {target[0]:g} s")
@@ -433,11 +451,12 @@ def latency_chart(measured: dict, concurrency: int = 5_000) -> Figure:
         (memory, "kb_per_in_flight", "memory per request in flight (kB)", "RSS, 1,000 to 5,000 at once"),
     ):
         values = [measured[app].get(key, 0) for app in apps]
-        axes.bar(["service", "floor"], values, color=[color for _, color, _ in apps.values()])
+        axes.bar([key if key != "fastapi" else "FastAPI" for key in apps], values,
+                 color=[color for _, color, _ in apps.values()])
         for i, value in enumerate(values):
             axes.annotate(f"{value:g}", (i, value), xytext=(0, 3), textcoords="offset points", ha="center")
         limit, relative = TARGETS[key]
-        target = limit * values[1] if relative else limit
+        target = limit * measured["floor"][key] if relative else limit
         axes.axhline(target, color="C3", ls=":", lw=1.5,
                      label=f"target {limit:g}x floor" if relative else f"target {limit:g}")
         axes.set_ylabel(unit)
@@ -512,7 +531,7 @@ def per_in_flight(result: dict, low: int = 1_000, high: int = 5_000) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter idle and wrk windows")
-    parser.add_argument("--apps", default="service,floor", help="comma-separated: service,floor")
+    parser.add_argument("--apps", default="service,fastapi,floor", help="comma-separated: " + ",".join(APPS))
     parser.add_argument("--concurrency", default="1000,5000,10000")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--redraw", action="store_true", help="rewrite the outputs from measured.json")
@@ -542,7 +561,7 @@ def main() -> None:
             measured[name] = measure(name, args, Path(tmp))
     measured["load_average_after"] = round(os.getloadavg()[0], 2)
     if "service" in measured and "floor" in measured:
-        print(table(measured["service"], measured["floor"]))
+        print(table(measured))
         if not args.no_write:
             write_outputs(measured)
     else:

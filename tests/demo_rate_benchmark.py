@@ -31,9 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmark import CLIENT_CPU, SERVER_CPU, free_port, machine
+from benchmark import CLIENT_CPU, free_port, machine
 from conftest import TOOLS
-from overload_benchmark import engine, healthz, pod_spec, ulimit
+from overload_benchmark import engine, pod_spec, run, start_pod
 
 ROOT = Path(__file__).resolve().parent.parent
 MEASURED = ROOT / "tests" / "measured.json"
@@ -42,13 +42,6 @@ TAG = "localhost/math-service-demo-rate:latest"
 # answers: a pod's share of the demo swarm on 1 to 15 pods, and the whole swarm on one.
 USERS = (60, 150, 300, 600, 1_200, 1_800)
 SPAWN_RATE = 100  # users per second: only the steady state after it is measured
-
-
-def run(*args: str) -> str:
-    proc = subprocess.run([ENGINE, *args], capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{ENGINE} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout.strip()
 
 
 class CpuCgroup:
@@ -174,22 +167,13 @@ def main() -> None:
 
     os.sched_setaffinity(0, {int(CLIENT_CPU)})  # this script and locust; the container on SERVER_CPU
     spec, port = pod_spec(), free_port()
-    print(f"== {ENGINE} build -> {TAG}", file=sys.stderr)
+    print(f"== {engine()} build -> {TAG}", file=sys.stderr)
     run("build", "--network", "host", "-t", TAG, str(ROOT))
     name = f"math-service-demo-rate-{os.getpid()}"
     env = {**spec["env"], "PORT": str(port)}  # DELAY_SECONDS: the image's default, as in the pod
     points = []
     try:
-        run("run", "-d", "--name", name, "--network", "host",
-            "--memory", str(spec["memory_bytes"]), "--memory-swap", str(spec["memory_bytes"]),
-            "--cpus", f"{spec['cpus']:g}", "--cpuset-cpus", SERVER_CPU, *ulimit(),
-            *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], TAG)
-        deadline = time.monotonic() + 30
-        while healthz(port) != 200:
-            if time.monotonic() > deadline:
-                sys.exit(f"{name} not ready in 30 s")
-            time.sleep(0.1)
-        cgroup = CpuCgroup(int(run("inspect", "--format", "{{.State.Pid}}", name)))
+        cgroup = CpuCgroup(start_pod(name, spec, env, TAG))
         time.sleep(5)
         idle_m, _ = window(cgroup, port, args.idle)
         print(f"   idle: {idle_m:.2f} millicores", file=sys.stderr)
@@ -199,7 +183,7 @@ def main() -> None:
                 print(f"   {json.dumps(points[-1])}", file=sys.stderr)
                 time.sleep(8)  # the last answers of this swarm, outside the next window
     finally:
-        subprocess.run([ENGINE, "rm", "-f", name], capture_output=True)
+        run("rm", "-f", name, check=False)
 
     demo_rate = {"idle_cpu_millicores": round(idle_m, 2), "points": points}
     print(table(demo_rate))
@@ -213,7 +197,7 @@ def main() -> None:
             "machine": machine(),
             "command": "uv run --with-requirements service.py --with-requirements "
             "tests/requirements.txt python tests/demo_rate_benchmark.py",
-            "engine": ENGINE,
+            "engine": engine(),
             "cpus": spec["cpus"],
             "window_s": args.window,
             **demo_rate,
@@ -224,5 +208,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    ENGINE = engine()
     main()

@@ -39,8 +39,8 @@ async def app(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-if __name__ == "__main__":
-    # The service's own uvicorn settings, so the difference is the application alone.
+def serve(app) -> None:
+    """The service's own uvicorn settings, so the difference is the application alone."""
     uvicorn.run(
         app,
         host="0.0.0.0",
@@ -53,3 +53,7 @@ if __name__ == "__main__":
         server_header=False,
         backlog=4096,  # as service.py
     )
+
+
+if __name__ == "__main__":
+    serve(app)

@@ -24,6 +24,7 @@ import uvicorn
 
 import cluster_model as cm
 from conftest import note_source, run_service, uvx
+from overload_benchmark import required
 
 MANIFESTS = ("deployment.yaml", "service.yaml", "hpa.yaml")
 # The claims must survive figures 30 % worse than measured, in whichever direction hurts.
@@ -363,9 +364,12 @@ def test_max_in_flight_fits_the_memory_limit(container):
     env = {e["name"]: e["value"] for e in container["env"]}
     for cap in (int(env["MAX_IN_FLIGHT"]), cm.service_default("max_in_flight")):
         assert idle_mib + cap * overload["bytes_per_in_flight"] / 2**20 <= 0.8 * limit_mib
-    # The benchmark ran this limit, and every step of it stayed within 85 % of it.
+    # The benchmark ran this limit, and every step of it stayed within 85 % of it. Every burst up
+    # to the first one larger than the limit holds lost nothing (the larger ones are in docs/api.md).
     assert overload["memory_limit_mib"] == limit_mib
-    assert all(step["passed"] and step["peak_ws_share"] <= 0.85 for step in overload["steps"])
+    assert all(step["peak_ws_share"] <= 0.85 for step in overload["steps"])
+    must = required(overload["steps"], overload["holds_in_flight"])
+    assert all(step["passed"] for step in must) and must[-1]["requests"] > overload["holds_in_flight"]
     assert max(step["requests"] for step in overload["steps"]) >= 30_000
 
 
