@@ -191,6 +191,12 @@ def model_ticks(scenario: Scenario) -> list[cm.Tick]:
     return [start, *cm.simulate(hpa, work, users, scenario.run_s + scenario.after_s, hpa.min_replicas)]
 
 
+def model_steps(scenario: Scenario) -> list[tuple[int, int]]:
+    """The model's scale-outs for the same swarm: (t, replicas), as steps() gives the measured ones."""
+    ticks = model_ticks(scenario)
+    return [(k.t, k.replicas) for a, k in itertools.pairwise(ticks) if k.replicas > a.replicas]
+
+
 def model_back_s(scenario: Scenario) -> int | None:
     hpa, _ = cm.repo_kit()
     ticks = model_ticks(scenario)
@@ -288,7 +294,7 @@ def save(timeline: dict, out: Path) -> Path:
 
 def summary(timeline: dict) -> str:
     found, scenario = steps(timeline), Scenario(**timeline["scenario"])
-    model = [(k.t, k.replicas) for a, k in itertools.pairwise(model_ticks(scenario)) if k.replicas > a.replicas]
+    model = model_steps(scenario)
     lc = timeline["locust"]
     return "\n".join([
         "measured: " + ", ".join(f"{n} at {t:.0f} s" for t, n in found.reached)

@@ -20,7 +20,6 @@ The full demo, as docs/demo-measured.{json,svg} were recorded (about 12 minutes)
         --with-requirements tests/requirements.txt pytest tests/test_e2e.py
 """
 
-import itertools
 import json
 import os
 import re
@@ -219,16 +218,14 @@ def test_demo_swarm_scales_out_and_back_with_no_failure(cluster: Cluster, tmp_pa
     assert found.back_s is not None and found.back_s <= bound, (
         f"not back to {hpa.min_replicas} within {bound} s of the swarm stopping: {found}" + describe())
     # The replicas the model predicts for this swarm, within one, and not pinned at the ceiling.
-    ticks = rec.model_ticks(scenario)
-    predicted = max(k.replicas for k in ticks)
+    predicted = max(k.replicas for k in rec.model_ticks(scenario))
     assert abs(found.peak - predicted) <= 1, f"peak {found.peak}, the model's {predicted}: {found}"
     assert found.peak < hpa.max_replicas or predicted == hpa.max_replicas, found
     # Load follows the pods the HPA adds (MAX_CONNECTION_AGE_SECONDS): from 60 s after the last
     # scale-out until the swarm stops, the busiest pod reads at most 1.5x the least busy one.
     # A swarm long enough for that by the model's timing must show it (CI's shortened demo is);
     # a shorter one (E2E_DEMO_SECONDS) has nothing to compare.
-    model_last_out = max((k.t for k, was in zip(ticks[1:], ticks)
-                          if k.replicas > was.replicas and k.t < scenario.run_s), default=0)
+    model_last_out = max((t for t, _ in rec.model_steps(scenario) if t < scenario.run_s), default=0)
     last_out, spread = pod_spread(timeline)
     if model_last_out + 60 + rec.SAMPLE_S <= scenario.run_s:
         assert last_out + 60 + rec.SAMPLE_S <= scenario.run_s, (
@@ -356,8 +353,7 @@ def test_readme_quotes_the_committed_measurement() -> None:
     assert f"{measured.replace(' at', ' pods at', 1)}, back to 1 pod {found.back_s:.0f} s after the swarm stops" in caption
     assert f"{timeline['locust']['requests']:,} requests and 0 failures" in caption
     assert timeline["where"]["kubernetes"] in caption and "tests/demo_recorder.py" in caption
-    ticks = rec.model_ticks(rec.Scenario(**timeline["scenario"]))
-    model = ", ".join(f"{k.replicas} at {k.t} s" for a, k in itertools.pairwise(ticks) if k.replicas > a.replicas)
+    model = ", ".join(f"{n} at {t} s" for t, n in rec.model_steps(rec.Scenario(**timeline["scenario"])))
     assert f"the model (dashed) says {model}." in caption
 
 
