@@ -351,6 +351,61 @@ def test_oom_point_is_the_measured_slopes() -> None:
     assert slopes and set(slopes) == {(f"{idle:g}", f"{overload['bytes_per_in_flight'] / 1024:.1f}")}, slopes
 
 
+def test_max_in_flight_sums_are_the_measured_ones() -> None:
+    """deployment.yaml's comment and the docs add idle + cap x bytes per request in flight: each
+    term, the sum, the cap 80 % of the limit allows and the peak quoted are tests/measured.json's."""
+    overload = MEASURED["overload"]
+    idle = max(overload["idle_ws_mib"], overload["intercept_mib"])
+    per = overload["bytes_per_in_flight"]
+    env = {e["name"]: e["value"] for e in manifest("deployment.yaml")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    cap = int(env["MAX_IN_FLIGHT"])
+    text = unwrapped(ALL_TEXT + "\n" + (ROOT / "deployment.yaml").read_text())
+    sums = re.findall(r"([\d.]+) MiB(?: \(at most\))? \+ ([\d,]+) (?:x|×) ([\d.,]+) (B|KiB) = (\d+) MiB", text)
+    assert len(sums) >= 2, sums  # deployment.yaml (and its copy in docs) and docs/operations.md
+    for said_idle, said_cap, said_per, unit, total in sums:
+        assert (float(said_idle), users_number(said_cap), int(total)) == (idle, cap, round(idle + cap * per / 2**20))
+        assert said_per == (f"{per:,}" if unit == "B" else f"{per / 1024:.1f}"), said_per
+    allows = re.findall(r"it allows ([\d,]+)", text)
+    assert allows and {users_number(a) for a in allows} == {math.floor((0.8 * overload["memory_limit_mib"] - idle) * 2**20 / per)}
+    peaks = re.findall(r"Measured peak: (\d+) MiB \((\d+) %\), from ([\d,]+) to ([\d,]+) requests", text)
+    steps = overload["steps"]
+    top = max(steps, key=lambda s: s["peak_ws_mib"])
+    assert peaks and set(peaks) == {(f"{round(top['peak_ws_mib'])}", f"{round(100 * top['peak_ws_share'])}",
+                                     f"{steps[0]['requests']:,}", f"{steps[-1]['requests']:,}")}, peaks
+
+
+def test_overload_prose_is_the_measured_run() -> None:
+    """docs/api.md's words under the overload table: the largest burst's losses, the cap's one
+    reach, the peaks in flight, against tests/measured.json ("overload")."""
+    text = unwrapped(PAGES["docs/api.md"])
+    steps = MEASURED["overload"]["steps"]
+    largest = steps[-1]
+    lost = re.search(r"\*\*([\d,]+) connections \(([\d.]+) %\) were reset by the kernel.*?alive at (\d+) % of its memory", text)
+    assert lost, "docs/api.md no longer says what the largest burst lost"
+    assert (users_number(lost[1]), float(lost[2]), int(lost[3])) == (
+        largest["errors"], round(100 * largest["errors"] / largest["requests"], 1), round(100 * largest["peak_ws_share"]))
+    capped = [s for s in steps if s["json_503"]]
+    reached = re.search(r"the cap was reached (once|twice|\w+ times) \(([\d,]+): ([\d,]+) JSON 503s, each answered in "
+                        r"at most ([\d.]+) ms of the service's time, but after about (\d+) s in the queue\)", text)
+    assert reached and reached[1] == "once" and len(capped) == 1, (reached and reached.groups(), capped)
+    step = capped[0]
+    assert (users_number(reached[2]), users_number(reached[3]), float(reached[4]), int(reached[5])) == (
+        step["requests"], step["json_503"], round(step["server_ms_503_max"], 1), round(step["p99_s_503"]))
+    peaked = re.search(r"in flight peaked between ([\d,]+) and ([\d,]+)", text)
+    beyond = [s["peak_in_flight"] for s in steps if s["requests"] > 10_000]
+    assert peaked and (users_number(peaked[1]), users_number(peaked[2])) == (round(min(beyond), -2), round(max(beyond), -2))
+
+
+def test_what_the_service_adds_to_fastapi_is_the_benchmarks() -> None:
+    """docs/performance.md's service-above-FastAPI-alone figures, from the same run's columns."""
+    text = unwrapped(PAGES["docs/performance.md"])
+    service, fastapi = MEASURED["service"], MEASURED["fastapi"]
+    cpu = re.findall(r"\((\d+) % in this run", text)
+    assert cpu == [f"{round(100 * (service['cpu_us_per_request'] / fastapi['cpu_us_per_request'] - 1))}"], cpu
+    memory = re.findall(r"about (\d+) kB more per request in flight than FastAPI alone", text)
+    assert memory == [f"{round(service['kb_per_in_flight'] - fastapi['kb_per_in_flight'])}"], memory
+
+
 def test_readme_is_short_and_starts_with_its_contents_and_the_dozen_commands() -> None:
     lines = README.splitlines()
     assert len(lines) <= 700, f"README.md has {len(lines)} lines"
