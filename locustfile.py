@@ -1,9 +1,16 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["locust==2.47.0"]
+# ///
 """Locust load test for math-service: POST / {"a": 10, "b": 5} and check the answer.
 
-Web UI:   locust -H http://<ELB_HOSTNAME>       (then open http://localhost:8089)
-Headless: locust -f locustfile.py --headless -u 100 -r 10 -t 2m -H http://<ELB_HOSTNAME>
-Local:    locust                                 (the default host, http://localhost:8000)
+`uv run locustfile.py` runs locust (the version above) with this file and locust's own options:
+Web UI:   uv run locustfile.py -H http://ELB_HOSTNAME        (then open http://localhost:8089)
+Headless: uv run locustfile.py --headless -u 100 -r 10 -t 2m -H http://ELB_HOSTNAME
+Local:    uv run locustfile.py                              (the default host, http://localhost:8000)
 """
+
+import sys
 
 from locust import HttpUser, between, task
 from locust.clients import ResponseContextManager
@@ -55,3 +62,11 @@ def answered_200(response: ResponseContextManager) -> bool:
     elif response.status_code != 200:
         response.failure(f"status {response.status_code}: {response.text[:200]}")
     return response.status_code == 200
+
+
+if __name__ == "__main__":
+    from locust.main import main
+
+    # locust imports this file again as its locustfile (unless -f names another).
+    sys.argv[1:1] = [] if "-f" in sys.argv else ["-f", __file__]
+    sys.exit(main())

@@ -15,6 +15,7 @@
 """math-service: adds two numbers after a simulated long-running operation."""
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -23,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -30,14 +32,14 @@ import structlog
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from pydantic import (
     BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, Strict, ValidationError,
     model_validator,
 )
 from pydantic_core import to_json
 from pydantic_settings import BaseSettings
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 # --- Settings ---------------------------------------------------------------------------------
@@ -47,27 +49,26 @@ class Settings(BaseSettings):
     """Read from the environment (PORT, LOGLEVEL, ...) and validated once, at start."""
 
     port: int = Field(8000, ge=1, le=65535)
+    # Prometheus metrics, on a port of their own that the Service does not expose to the internet.
+    metrics_port: int = Field(9000, ge=1, le=65535)
     loglevel: Annotated[
         Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(str.upper)
     ] = "INFO"
     delay_seconds: float = Field(5.0, ge=0, allow_inf_nan=False)
-    # 1 MiB is far more than {"a": ..., "b": ...} ever needs, and small enough that a flood of
-    # large bodies cannot exhaust the pod's memory.
+    # Far more than {"a": ..., "b": ...} needs, small enough that large bodies cannot fill memory.
     max_body_bytes: int = Field(1024 * 1024, ge=1)
-    # Requests handled at once (probes and /metrics excepted); past it, an immediate 503.
-    # Sized to the pod's memory limit in deployment.yaml; this default fits its 512Mi.
+    # Requests handled at once (probes excepted); past it, an immediate 503. Sized from the pod's
+    # memory limit (docs/operations.md, "Settings").
     max_in_flight: int = Field(10_000, ge=1)
-    # kube-proxy and a load balancer's TCP listener place a connection once, when it opens: past
-    # this age its next response says `Connection: close`, and the client reconnects, also to the
-    # pods the HPA has added since. The HPA's sync period (15 s): each connection is rebalanced
-    # once per HPA decision, before the next one reads the pods' CPU; shorter only adds reconnects.
+    # A load balancer places a connection once, when it opens: past this age its next response
+    # says `Connection: close`, so clients reconnect, also to pods added since (docs/operations.md).
     max_connection_age_seconds: float = Field(15.0, gt=0, allow_inf_nan=False)
 
 
 # --- Logging ----------------------------------------------------------------------------------
 
 # One JSON object per line, for our own events and for everything the standard library logs
-# (uvicorn's start-up and shutdown, asyncio), so a log pipeline never sees a plain-text line.
+# (uvicorn's start-up and shutdown, asyncio), whichever server runs the app.
 _shared = [
     structlog.stdlib.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -87,6 +88,14 @@ def configure_logging(level: str) -> None:
         )
     )
     logging.basicConfig(handlers=[handler], level=level, force=True)
+    # uvicorn's loggers carry their own plain-text handlers when its CLI starts the app: send
+    # them to the JSON handler above, and drop its access log (Edge writes one, as JSON).
+    for name in ("uvicorn", "uvicorn.error"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers, uvicorn_logger.propagate = [], True
+        uvicorn_logger.setLevel(logging.NOTSET)  # LOGLEVEL rules, not the command line's level
+    access = logging.getLogger("uvicorn.access")
+    access.handlers, access.propagate = [], False
     # Our own events skip the stdlib machinery: the access log runs on every request. structlog's
     # recipe for speed: orjson renders bytes, written straight to stdout's buffer.
     structlog.configure(
@@ -119,6 +128,10 @@ def load_settings() -> Settings:
 
 settings = load_settings()
 configure_logging(settings.loglevel)
+# `fastapi run` imports this module first, then sets up uvicorn's default logging: make that a
+# no-op, so uvicorn's lines stay JSON there too.
+uvicorn.config.LOGGING_CONFIG.clear()
+uvicorn.config.LOGGING_CONFIG.update(version=1, incremental=True)
 
 
 # --- Metrics and access log -------------------------------------------------------------------
@@ -133,7 +146,7 @@ LATENCY = Histogram(
 )
 IN_FLIGHT = Gauge(
     "http_requests_in_flight",
-    "Requests in flight, at most MAX_IN_FLIGHT (probes and /metrics are not counted).",
+    "Requests in flight, at most MAX_IN_FLIGHT (probes are not counted).",
 )
 REJECTED = Counter(
     "http_requests_rejected_total", "Requests answered 503 at once: MAX_IN_FLIGHT were in flight."
@@ -180,22 +193,23 @@ class ConnectionAges:
         if now - self.first.setdefault(client, now) < self.limit:
             return False
         del self.first[client]
+        logger.debug("connection past MAX_CONNECTION_AGE_SECONDS: closing after this answer", client=client)
         return True
 
 
 class Edge:
-    """The one ASGI layer in front of FastAPI: admission cap, body limit, access log and metrics,
-    and `Connection: close` once shutdown has begun or past MAX_CONNECTION_AGE_SECONDS.
+    """The app's one middleware: admission cap, body limit, access log and metrics, and
+    `Connection: close` once shutdown has begun or past MAX_CONNECTION_AGE_SECONDS.
 
     Every request in flight keeps its frames alive for its whole delay, so this is one coroutine
-    frame with at most one `send` and one `receive` wrapper (tests/performance.md).
+    frame with at most one `send` and one `receive` wrapper (docs/performance.md).
     """
 
-    # The kubelet's probes and Prometheus must get through a full pod: a liveness probe failing
-    # under load would restart the pod and lose every request in it. They are cheap and few.
-    UNCAPPED = frozenset({"/healthz", "/readyz", "/metrics"})
+    # The kubelet's probes must get through a full pod: a liveness probe failing under load
+    # would restart the pod and lose every request in it. They are cheap and few.
+    UNCAPPED = frozenset({"/healthz", "/readyz"})
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.in_flight = 0
         IN_FLIGHT.set_function(lambda: self.in_flight)
@@ -206,7 +220,7 @@ class Edge:
         """Whether this response ends its keep-alive connection. uvicorn closes a connection after
         a response whose headers say so (httptools_impl.RequestResponseCycle.send): each client
         learns on its next answer that the connection is going, not under its next request."""
-        return not self.app.state.ready or self.ages.expired(scope.get("client"))
+        return not scope["app"].state.ready or self.ages.expired(scope.get("client"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -243,10 +257,8 @@ class Edge:
 
         try:
             if capped and self.in_flight >= settings.max_in_flight:
-                # Each request in flight holds memory and a socket until its answer; past the
-                # cap the OOM killer would end the pod and every request in it. A rejected one
-                # costs almost nothing: its body is never read. uvicorn's limit_concurrency is
-                # not this: it counts connections (idle keep-alives too) and answers plain text.
+                # Past the cap the OOM killer would end the pod and every request in it; a
+                # rejected request costs almost nothing: its body is never read.
                 REJECTED.inc()
                 # A slot frees as soon as a request in flight ends, within one DELAY_SECONDS.
                 retry_after = b"%d" % max(1, math.ceil(settings.delay_seconds))
@@ -298,68 +310,8 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
-app = FastAPI(
-    title="Simple Math API",
-    description="A simple API to perform basic arithmetic operations",
-    version="1.0.0",
-    # FastAPI's built-in OpenTelemetry checks for providers on every request; this image ships
-    # no OpenTelemetry SDK (metrics are Prometheus, logs are the JSON lines above).
-    telemetry={"tracing": False, "metrics": False, "logs": False},
-)
-app.state.ready = True
-
-
-@app.exception_handler(RequestValidationError)
-async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-    # Like FastAPI's default handler, but JSON has no NaN or Infinity: echoing {"a": NaN} back
-    # with the standard encoder fails, and a client error would become a 500. pydantic writes
-    # them as the strings "NaN" and "Infinity", and an error's context as its message.
-    body = to_json({"detail": exc.errors()}, inf_nan_mode="strings", serialize_unknown=True)
-    return Response(body, status_code=422, media_type="application/json")
-
-
-@app.get("/healthz")
-async def health_check() -> dict[str, str]:
-    """Liveness: the process answers. Never delayed."""
-    return {"status": "ok"}
-
-
-@app.get("/readyz", responses={503: {"description": "Shutting down"}})
-async def ready_check(response: Response) -> dict[str, str]:
-    """Readiness: 200 while serving, 503 once shutdown has begun."""
-    if not app.state.ready:
-        response.status_code = 503
-        return {"status": "shutting down"}
-    return {"status": "ready"}
-
-
-@app.get("/metrics", include_in_schema=False)
-async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-
-@app.post(
-    "/",
-    responses={
-        413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
-        503: {
-            "model": ErrorResponse, "description": "MAX_IN_FLIGHT in flight: answered at once, body unread",
-            "headers": {"Retry-After": {"description": "Seconds", "schema": {"type": "integer"}}},
-        },
-    },
-)
-async def add_numbers(request: AddRequest) -> AddResponse:
-    """Add a and b after DELAY_SECONDS of simulated work."""
-    result = request.a + request.b
-    await asyncio.sleep(settings.delay_seconds)  # simulate a longish-running operation
-    return AddResponse(result=result)
-
-
-# --- Entry point ------------------------------------------------------------------------------
-
-# File descriptors besides the requests in flight: uvloop may accept a whole listen backlog (4096)
-# before answering any of it, plus stdio, listener, event loop and probes. Measured in a burst of
-# 20,000: 1,424 above the cap (tests/overload_benchmark.py). Half the limit at most, where it is low.
+# Open sockets besides the requests in flight: a whole listen backlog accepted before any answer,
+# plus stdio, listeners, the event loop and probes (docs/operations.md, "Settings").
 FD_RESERVE = 4096 + 1024
 
 
@@ -389,6 +341,79 @@ def fit_open_file_limit() -> None:
     settings.max_in_flight = min(settings.max_in_flight, fits)
 
 
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start-up that holds whichever server runs the app (`python service.py`, uvicorn's or
+    FastAPI's command line)."""
+    fit_open_file_limit()
+    metrics_server, _ = start_http_server(settings.metrics_port)
+    # Requests leave no cyclic garbage, but thousands in flight make every collector pass walk
+    # them all: freeze what start-up built, and collect young objects less often.
+    gc.freeze()
+    gc.set_threshold(50_000)
+    app.state.ready = True
+    yield
+    metrics_server.shutdown()
+    metrics_server.server_close()
+
+
+app = FastAPI(
+    title="Simple Math API",
+    description="A simple API to perform basic arithmetic operations",
+    version="1.0.0",
+    lifespan=lifespan,
+    # FastAPI's built-in OpenTelemetry checks for providers on every request; this image ships
+    # no OpenTelemetry SDK (metrics are Prometheus, logs are the JSON lines above).
+    telemetry={"tracing": False, "metrics": False, "logs": False},
+)
+app.add_middleware(Edge)
+app.state.ready = True
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+    # Like FastAPI's default handler, but JSON has no NaN or Infinity: echoing {"a": NaN} back
+    # with the standard encoder fails, and a client error would become a 500. pydantic writes
+    # them as the strings "NaN" and "Infinity", and an error's context as its message.
+    body = to_json({"detail": exc.errors()}, inf_nan_mode="strings", serialize_unknown=True)
+    return Response(body, status_code=422, media_type="application/json")
+
+
+@app.get("/healthz")
+async def health_check() -> dict[str, str]:
+    """Liveness: the process answers. Never delayed."""
+    return {"status": "ok"}
+
+
+@app.get("/readyz", responses={503: {"description": "Shutting down"}})
+async def ready_check(response: Response) -> dict[str, str]:
+    """Readiness: 200 while serving, 503 once shutdown has begun."""
+    if not app.state.ready:
+        response.status_code = 503
+        return {"status": "shutting down"}
+    return {"status": "ready"}
+
+
+@app.post(
+    "/",
+    responses={
+        413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
+        503: {
+            "model": ErrorResponse, "description": "MAX_IN_FLIGHT in flight: answered at once, body unread",
+            "headers": {"Retry-After": {"description": "Seconds", "schema": {"type": "integer"}}},
+        },
+    },
+)
+async def add_numbers(request: AddRequest) -> AddResponse:
+    """Add a and b after DELAY_SECONDS of simulated work."""
+    result = request.a + request.b
+    await asyncio.sleep(settings.delay_seconds)  # simulate a longish-running operation
+    return AddResponse(result=result)
+
+
+# --- Entry point: `python service.py`, as the image runs it ---------------------------------
+
+
 class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         # SIGTERM: fail readiness at once; uvicorn then stops accepting and lets every
@@ -397,12 +422,11 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        # uvicorn's own shutdown closes every idle keep-alive connection at once
-        # (HttpToolsProtocol.shutdown), and a client sending its next request in that instant gets
-        # no answer. So first only stop accepting, and let each connection end itself: after its
-        # next response (Edge.closing) or at uvicorn's keep-alive timeout, whose timer runs on the
-        # loop either way. By the deadline every idle one has gone; uvicorn's shutdown then drains
-        # the rest: requests in flight, and connections that never sent one (they have no timer).
+        # uvicorn's own shutdown closes every idle keep-alive connection at once, and a client
+        # sending its next request in that instant gets no answer. So first only stop accepting,
+        # and let each connection end itself: after its next response (Edge.closing) or at
+        # uvicorn's keep-alive timeout. uvicorn's shutdown then drains the rest: requests in
+        # flight, and connections that never sent one (they have no timer).
         for server in self.servers:
             server.close()
         deadline = time.monotonic() + self.config.timeout_keep_alive + 1
@@ -419,7 +443,7 @@ if __name__ == "__main__":
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
     config = uvicorn.Config(
-        Edge(app),
+        app,
         host="0.0.0.0",
         port=settings.port,
         loop="uvloop" if sys.platform != "win32" else "auto",
@@ -430,14 +454,8 @@ if __name__ == "__main__":
         # the middleware would only add a coroutine frame to every request in flight.
         proxy_headers=False,
         server_header=False,
-        # Listen queue for a burst of new connections (the kernel caps it at net.core.somaxconn,
-        # 4096 by default); uvicorn's 2048 makes a burst of 5,000 wait for SYN retries.
+        # A burst of new connections waits here; uvicorn's 2048 makes one of 5,000 wait for SYN
+        # retries (the kernel caps it at net.core.somaxconn).
         backlog=4096,
     )
-    # Requests leave no cyclic garbage, but thousands in flight (each sleeping 5 s) make every
-    # collector pass walk them all: freeze what start-up built, and collect young objects less
-    # often (measured: half the CPU of a 5,000-request burst went to the collector).
-    gc.freeze()
-    gc.set_threshold(50_000)
-    fit_open_file_limit()
     Server(config).run()

@@ -6,61 +6,43 @@ a locust user keeps the connection it opened to the first pod for the whole swar
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import cluster_model as cm
-from conftest import run_service, uvx
-
-BODY = b'{"a": 10, "b": 5}'
-POST = (
-    b"POST / HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
-)
-
-
-def exchange(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One POST on an open keep-alive connection: status, headers, body."""
-    sock.sendall(POST)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed without an answer"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    status_line, *lines = head.decode().split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-    while len(body) < int(headers["content-length"]):
-        body += sock.recv(65536)
-    return int(status_line.split()[1]), headers, body
+from helpers import POST_ADD, connect, exchange, locust, run_service
 
 
 def test_a_long_lived_keep_alive_connection_is_told_to_reconnect_within_the_bound(tmp_path) -> None:
     bound, delay = 1.5, 0.2
-    with run_service(tmp_path, DELAY_SECONDS=str(delay), MAX_CONNECTION_AGE_SECONDS=str(bound)) as s:
-        address = ("127.0.0.1", int(s.url.rsplit(":", 1)[1]))
+
+    async def main(url: str) -> list[tuple[float, int, bytes, str | None]]:
         answers = []  # (seconds since connect, status, body, Connection header)
-        with socket.create_connection(address, timeout=10) as sock:
-            opened = time.monotonic()
-            while not answers or answers[-1][3] != "close":
-                assert time.monotonic() - opened < 3 * bound, "never told to close"
-                status, headers, body = exchange(sock)
-                answers.append((time.monotonic() - opened, status, body, headers.get("connection")))
-                time.sleep(0.05)
-            assert sock.recv(1) == b""  # and the server ends the connection after that answer
+        conn = await connect(url)
+        opened = time.monotonic()
+        while not answers or answers[-1][3] != "close":
+            assert time.monotonic() - opened < 3 * bound, "never told to close"
+            status, headers, body = await exchange(conn, POST_ADD)
+            answers.append((time.monotonic() - opened, status, body, headers.get("connection")))
+            await asyncio.sleep(0.05)
+        assert await conn[0].read() == b""  # and the server ends the connection after that answer
         # A new connection starts a new age: it is kept alive again.
-        with socket.create_connection(address, timeout=10) as sock:
-            assert exchange(sock)[1].get("connection") != "close"
+        assert (await exchange(await connect(url), POST_ADD))[1].get("connection") != "close"
+        return answers
+
+    # LOGLEVEL in any case; at debug the service says why it closed the connection.
+    with run_service(tmp_path, DELAY_SECONDS=str(delay), MAX_CONNECTION_AGE_SECONDS=str(bound), LOGLEVEL="debug") as s:
+        answers = asyncio.run(main(s.url))
+        debug = [e for e in s.logs() if e["level"] == "debug"]
     assert {(status, body) for _, status, body, _ in answers} == {(200, b'{"result":15.0}')}
     # Kept alive for several requests first, then told on the first answer past the bound (the
     # age counts from the connection's first answer, one delay after it opened).
     assert len(answers) >= 4 and all(a[3] != "close" for a in answers[:-1])
     assert all(a[0] < bound + 2 * delay for a in answers[:-1])
     assert bound + delay <= answers[-1][0] <= bound + 2 * delay + 0.5
+    assert [e["event"] for e in debug] == ["connection past MAX_CONNECTION_AGE_SECONDS: closing after this answer"]
 
 
 @contextmanager
@@ -100,11 +82,8 @@ def test_locust_users_reconnect_through_the_balancer_without_a_failure(tmp_path:
         run_service(tmp_path, DELAY_SECONDS="0.2", MAX_CONNECTION_AGE_SECONDS="1") as s,
         counting_proxy(int(s.url.rsplit(":", 1)[1])) as (url, connections),
     ):
-        result = uvx(
-            "locust", "-f", "locustfile.py", "--headless", "-u", str(users), "-r", str(users),
-            "-t", f"{seconds}s", "-H", url, "--json-file", str(tmp_path / "stats"), "--only-summary",
-            timeout=120,
-        )
+        result = locust("-u", str(users), "-r", str(users), "-t", f"{seconds}s", "-H", url,
+                        "--json-file", str(tmp_path / "stats"), "--only-summary", cwd=tmp_path)
         opened = connections()
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert sum(e["num_requests"] for e in stats) > users * 3, result.stderr
@@ -112,12 +91,3 @@ def test_locust_users_reconnect_through_the_balancer_without_a_failure(tmp_path:
     # A user's connection ends on its second answer (a round is 1-2 s of think time and a 0.2 s
     # answer, the bound 1 s): over ~9 s each opened about 3 or 4. Without the bound: 1 each.
     assert opened >= 2 * users, opened
-
-
-def test_default_bound_follows_the_hpa_sync_period() -> None:
-    import service
-
-    bound = service.Settings.model_fields["max_connection_age_seconds"].default
-    # Every connection is re-balanced once per HPA sync, within a request of it.
-    assert bound == cm.SYNC_PERIOD_S
-    assert cm.service_default("max_connection_age_seconds") == bound

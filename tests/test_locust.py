@@ -10,16 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TOOLS, free_port, run_service, uvx
+from helpers import ROOT, free_port, locust, run_service
 
 
 def swarm(url: str, tmp_path: Path) -> tuple[dict[str, dict], list[dict], int]:
     """A short headless run: stats per request name, failure rows, locust's exit code."""
-    result = uvx(
-        "locust", "-f", "locustfile.py", "--headless", "-u", "20", "-r", "20", "-t", "6s",
-        "-H", url, "--json-file", str(tmp_path / "stats"), "--csv", str(tmp_path / "run"),
-        "--only-summary", timeout=120,
-    )
+    result = locust("-u", "20", "-r", "20", "-t", "6s", "-H", url, "--json-file", str(tmp_path / "stats"),
+                    "--csv", str(tmp_path / "run"), "--only-summary", cwd=tmp_path)
     stats = json.loads((tmp_path / "stats.json").read_text())
     with (tmp_path / "run_failures.csv").open() as f:
         failures = list(csv.DictReader(f))
@@ -33,7 +30,6 @@ def test_swarm_against_the_service_has_no_failures(tmp_path: Path) -> None:
         stats, failures, code = swarm(service.url, tmp_path)
     post = stats["POST /"]
     assert post["num_requests"] > 20  # 20 users for ~6 s at 1.2-2.2 s a round
-    assert post["num_failures"] == 0, failures
     assert all(entry["num_failures"] == 0 for entry in stats.values()), failures
     assert code == 0
 
@@ -43,16 +39,14 @@ class WrongSum(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = b'{"result": 16.0}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.answer(b'{"result": 16.0}')
 
     def do_GET(self) -> None:
-        body = b'{"status": "ok"}'
+        self.answer(b'{"status": "ok"}')
+
+    def answer(self, body: bytes) -> None:
         self.send_response(200)
+        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -68,8 +62,7 @@ class Server(ThreadingHTTPServer):
 @pytest.fixture
 def wrong_sum_url() -> Iterator[str]:
     server = Server(("127.0.0.1", 0), WrongSum)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -93,7 +86,7 @@ def test_default_host_is_the_local_service() -> None:
         "print(locustfile.MathServiceUser(Environment()).client.base_url)"
     )
     result = subprocess.run(
-        ["uvx", "--quiet", "--from", TOOLS["locust"], "python", "-c", code],
+        ["uv", "run", "--quiet", "--with-requirements", "locustfile.py", "python", "-c", code],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert result.stdout.strip() == "http://localhost:8000", result.stderr

@@ -2,8 +2,8 @@
 nothing else, on the service's uvicorn settings.
 
 No admission cap, body limit, access log, metrics or strict validation: what service.py costs
-above this is what it adds to FastAPI; what this costs above tests/floor_app.py is FastAPI's.
-Run: python tests/fastapi_floor_app.py
+above this is what it adds to FastAPI; what this costs above tests/tools/floor_app.py is FastAPI's.
+Run: python tests/tools/fastapi_floor_app.py
 """
 
 import asyncio
@@ -40,4 +40,4 @@ async def add_numbers(request: AddRequest) -> AddResponse:
 
 
 if __name__ == "__main__":
-    serve(app)  # tests/floor_app.py's: the service's own uvicorn settings
+    serve(app)  # tests/tools/floor_app.py's: the service's own uvicorn settings

@@ -3,9 +3,11 @@
 Run from the repository root (Linux):
 
     uv run --with-requirements service.py --with-requirements tests/requirements.txt \
-        python tests/memory_profile.py [APP] [--steps 1000,5000]
+        python tests/tools/memory_profile.py [APP] [--steps 1000,5000] [--write]
 
-APP is service.py (the default), tests/floor_app.py, or any other version of service.py.
+APP is service.py (the default), tests/tools/floor_app.py, or any other version of service.py.
+`--write` profiles service.py, FastAPI alone and the floor, and keeps the result in
+tests/tools/measured.json ("memory_profile"), from which figures.py writes docs/performance.md.
 
 The app runs as its own process with tracemalloc on (25 frames); SIGUSR1 makes it dump a
 snapshot. The script holds 1,000 requests in their sleep, snapshots, adds 4,000 more, snapshots
@@ -26,7 +28,8 @@ from pathlib import Path
 
 from benchmark import BODY, free_port, raise_fd_limit
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = Path(__file__).resolve().parent
 
 # Run inside the server: trace, dump a snapshot on SIGUSR1, then run the app as `python app.py`.
 SERVER = """
@@ -83,10 +86,12 @@ def snapshot(proc: subprocess.Popen, path: Path, n: int) -> tuple[tracemalloc.Sn
     return tracemalloc.Snapshot.load(str(ask(proc, signal.SIGUSR1, path))), counts[-1]
 
 
-def main(app: Path, steps: tuple[int, int]) -> None:
+def profile(app: Path, steps: tuple[int, int]) -> dict[str, int]:
+    """Bytes per request in flight, by package, as the console report prints them."""
     raise_fd_limit()
     port = free_port()
-    env = {**os.environ, "PORT": str(port), "DELAY_SECONDS": "600", "LOGLEVEL": "WARNING"}
+    env = {**os.environ, "PORT": str(port), "METRICS_PORT": str(free_port()), "DELAY_SECONDS": "600",
+           "LOGLEVEL": "WARNING"}
     with tempfile.TemporaryDirectory() as tmp:
         snap = Path(tmp) / "snapshot"
         proc = subprocess.Popen([sys.executable, "-c", SERVER, str(app), str(snap)], env=env,
@@ -132,12 +137,35 @@ def main(app: Path, steps: tuple[int, int]) -> None:
     for where, size in lines:
         if where.startswith(app.name) and size / per >= 8:
             print(f"  {size / per:7,.0f}  {where}")
+    named = {"service.py": "the app file's own lines", "floor_app.py": "the app file's own lines",
+             "fastapi_floor_app.py": "the app file's own lines"}
+    return {named.get(name, name): round(size / per) for name, size in by_package.items() if size / per >= 50}
+
+
+APPS = {"service": ROOT / "service.py", "fastapi": TOOLS / "fastapi_floor_app.py", "floor": TOOLS / "floor_app.py"}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("app", nargs="?", default=str(ROOT / "service.py"))
     parser.add_argument("--steps", default="1000,5000", help="requests in flight at the two snapshots")
+    parser.add_argument("--write", action="store_true",
+                        help="profile service.py, FastAPI alone and the floor, into measured.json and the docs")
     args = parser.parse_args()
-    low, high = (int(n) for n in args.steps.split(","))
-    main(Path(args.app).resolve(), (low, high))
+    steps = tuple(int(n) for n in args.steps.split(","))
+    if not args.write:
+        profile(Path(args.app).resolve(), steps)
+        sys.exit()
+    import datetime
+    import json
+
+    import figures
+    from benchmark import machine
+
+    measured = json.loads((TOOLS / "measured.json").read_text())
+    measured["memory_profile"] = {
+        "date": datetime.date.today().isoformat(), "machine": machine(), "steps": list(steps),
+        "apps": {name: profile(app, steps) for name, app in APPS.items()},
+    }
+    (TOOLS / "measured.json").write_text(json.dumps(measured, indent=2) + "\n")
+    figures.stale(write=True)

@@ -1,9 +1,9 @@
-"""Benchmark: service.py against a bare-ASGI floor (tests/floor_app.py), same uvicorn, same run.
+"""Benchmark: service.py against FastAPI alone and a bare-ASGI floor, same uvicorn, same run.
 
 Run from the repository root (Linux; needs `wrk` and `taskset`):
 
     uv run --with-requirements service.py --with-requirements tests/requirements.txt \
-        python tests/benchmark.py [--quick]
+        python tests/tools/benchmark.py [--quick] [--apps service,fastapi,floor,path/to/other.py]
 
 For each app it measures
   1. start-to-ready (Popen to the first 200 on /healthz), idle RSS and idle CPU;
@@ -12,14 +12,11 @@ For each app it measures
   3. C = 1,000, 5,000 and 10,000 requests opened at once at DELAY_SECONDS=5, from an epoll client
      pinned to core 1: p50/p99 latency (connect to last byte), errors, peak RSS (VmHWM);
   4. memory per request in flight: the slope of peak RSS from 1,000 to 5,000 at once.
-It prints a markdown table, writes tests/measured.json and tests/performance.md, draws
-docs/latency.svg (the 5,000-at-once latency distribution), and rewrites README.md's performance
-table, its swarm-to-replicas table and the model's charts (tests/cluster_model.py) from them.
-`--redraw` does all that again from tests/measured.json without measuring.
-The script installs nothing: without wrk it stops and says how to install it.
+It writes tests/tools/measured.json and has tests/tools/figures.py rewrite the docs from it (the
+table in docs/performance.md, docs/latency.svg, and the model's figures, which read the idle
+memory). An app given as a path (another version of service.py, say) is measured beside the
+others and only printed. The script installs nothing: without wrk it says how to install it.
 """
-
-from __future__ import annotations
 
 import argparse
 import errno
@@ -38,34 +35,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-ROOT = Path(__file__).resolve().parent.parent
-TESTS = ROOT / "tests"
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = Path(__file__).resolve().parent
 APPS = {
     "service": ROOT / "service.py",
-    "fastapi": TESTS / "fastapi_floor_app.py",
-    "floor": TESTS / "floor_app.py",
+    "fastapi": TOOLS / "fastapi_floor_app.py",
+    "floor": TOOLS / "floor_app.py",
 }
 SERVER_CPU, CLIENT_CPU = "0", "1"
 TICK = os.sysconf("SC_CLK_TCK")
 BODY = b'{"a": 10, "b": 5}'
-
-# Targets from the issue: (key, limit, relative to the floor?)
-TARGETS = {
-    "cpu_us_per_request": (3.5, True),
-    "kb_per_in_flight": (16.0, False),
-    "p99_s_5000": (5.8, False),
-    "errors_5000": (0, False),
-    "errors_10000": (0, False),
-    "peak_rss_mib_10000": (160.0, False),
-    "idle_rss_mib": (60.0, False),
-    "idle_cpu_millicores": (3.0, False),
-}
-
 
 # --- /proc ------------------------------------------------------------------------------------
 
@@ -104,11 +84,11 @@ class Server:
 
     def __init__(self, name: str, delay: float, workdir: Path) -> None:
         self.port = free_port()
-        self.log = (workdir / f"{name}-{delay}-{self.port}.log").open("w")
-        env = {**os.environ, "PORT": str(self.port), "DELAY_SECONDS": str(delay)}
+        self.log = (workdir / f"{Path(name).stem}-{delay}-{self.port}.log").open("w")
+        env = {**os.environ, "PORT": str(self.port), "METRICS_PORT": str(free_port()), "DELAY_SECONDS": str(delay)}
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            ["taskset", "-c", SERVER_CPU, sys.executable, str(APPS[name])],
+            ["taskset", "-c", SERVER_CPU, sys.executable, str(APPS.get(name) or Path(name).resolve())],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=raise_fd_limit,
         )
         self.ready_s = self._wait_ready()
@@ -333,165 +313,15 @@ def run_client(port: int, concurrency: int) -> None:
     print(json.dumps(client(port, concurrency)))
 
 
-# --- Report -----------------------------------------------------------------------------------
-
-
-def verdict(key: str, service: dict, floor: dict) -> tuple[str, str]:
-    if key not in TARGETS:
-        return "", ""
-    limit, relative = TARGETS[key]
-    value = service[key]
-    if relative:
-        return f"<= {limit:g}x floor", "met" if value <= limit * floor[key] else "not met"
-    return f"<= {limit:g}", "met" if value <= limit else "not met"
-
-
-ROWS = [
-    ("CPU per request at DELAY_SECONDS=0 (µs)", "cpu_us_per_request"),
-    ("Throughput on one core (req/s)", "rps"),
-    ("Memory per request in flight, 1,000 to 5,000 at once (kB)", "kb_per_in_flight"),
-    ("1,000 at once x 5 s: peak RSS (MiB)", "peak_rss_mib_1000"),
-    ("5,000 at once x 5 s: p50 (s)", "p50_s_5000"),
-    ("5,000 at once x 5 s: p99 (s)", "p99_s_5000"),
-    ("5,000 at once x 5 s: errors", "errors_5000"),
-    ("5,000 at once x 5 s: peak RSS (MiB)", "peak_rss_mib_5000"),
-    ("10,000 at once x 5 s: p50 (s)", "p50_s_10000"),
-    ("10,000 at once x 5 s: p99 (s)", "p99_s_10000"),
-    ("10,000 at once x 5 s: errors", "errors_10000"),
-    ("10,000 at once x 5 s: peak RSS (MiB)", "peak_rss_mib_10000"),
-    ("Idle RSS (MiB)", "idle_rss_mib"),
-    ("Idle CPU (millicores)", "idle_cpu_millicores"),
-    ("Start to ready (s)", "start_to_ready_s"),
-]
-
-
-def table(measured: dict) -> str:
-    """service.py, FastAPI alone and the floor side by side; the targets are the service's."""
-    service, fastapi, floor = (measured.get(app, {}) for app in ("service", "fastapi", "floor"))
-    lines = [
-        "| Measure | service.py | FastAPI alone | bare-ASGI floor | service / floor "
-        "| FastAPI alone / floor | target (service.py) | |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
-    ]
-
-    def ratio(value: float | None, f: float) -> str:
-        return f"{value / f:.2f}x" if isinstance(value, (int, float)) and f else ""
-
-    for label, key in ROWS:
-        if key not in service or key not in floor:
-            continue
-        s, a, f = service[key], fastapi.get(key), floor[key]
-        target, met = verdict(key, service, floor)
-        shown = "" if a is None else f"{a:g}"
-        lines.append(f"| {label} | {s:g} | {shown} | {f:g} | {ratio(s, f)} | {ratio(a, f)} | {target} | {met} |")
-    return "\n".join(lines)
-
-
-def section(measured: dict) -> str:
-    return "\n".join([
-        f"Measured {measured['date']} on {measured['machine']} (load average "
-        f"{measured['load_average_before']} before the run; other work on the machine adds noise, "
-        "so compare the columns, which come from the same run).",
-        "",
-        table(measured),
-        "",
-        f"Command: `{measured['command']}`. Server pinned to core {SERVER_CPU}, load generator "
-        f"on core {CLIENT_CPU}; the floor is `tests/floor_app.py` (bare ASGI on the same uvicorn, "
-        "uvloop, httptools; no framework, validation, logging or metrics); FastAPI alone is "
-        "`tests/fastapi_floor_app.py` (the same route as FastAPI's tutorial writes it, on the same "
-        "uvicorn settings: what service.py costs above it is what the service adds to FastAPI). "
-        "CPU per request is the "
-        "server's user+sys CPU over the requests wrk completed (keep-alive, 50 connections). The "
-        "concurrent waves open every connection in one burst (`Connection: close`); latency runs "
-        "from connect() to the last byte; peak RSS is VmHWM of a fresh server process per wave.",
-    ])
-
-
-def replace_marked(content: str, name: str, text: str) -> str:
-    """Replace what stands between README's <!-- name:start --> and <!-- name:end --> markers."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    head, rest = content.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{start}\n{text}\n{end}{tail}"
-
-
-def latency_chart(measured: dict, concurrency: int = 5_000) -> Figure:
-    """The burst's latency distribution, service against FastAPI alone and the floor; CPU and memory
-    per request as bars."""
-    from matplotlib.figure import Figure
-
-    apps = {"service": ("service.py", "C0", "-"), "fastapi": ("FastAPI alone", "C2", "-."),
-            "floor": ("bare-ASGI floor", "C1", "--")}
-    apps = {key: style for key, style in apps.items() if key in measured}
-    fig = Figure(figsize=(12, 4.8))
-    cdf, bars, memory = fig.subplots(1, 3, width_ratios=(3, 1, 1), gridspec_kw=LATENCY_MARGINS)
-    fig.suptitle(
-        f"{concurrency:,} requests at once: service.py, FastAPI alone and the bare-ASGI floor, "
-        f"same run ({measured['date']})",
-        fontsize=13,
-    )
-    percent = range(101)
-    for key, (label, color, style) in apps.items():
-        quantiles = measured[key][f"latency_quantiles_s_{concurrency}"]
-        # p50 and p99 marked on the curve and named in the legend: medians this close would overlap.
-        cdf.plot(quantiles, percent, color=color, ls=style, lw=2,
-                 label=f"{label}: p50 {quantiles[50]:.2f} s, p99 {quantiles[99]:.2f} s")
-        cdf.plot([quantiles[50], quantiles[99]], [50, 99], "o", color=color)
-    cdf.axvline(5, color="0.4", ls=":", lw=1.5, label="the 5 s sleep")
-    if target := TARGETS.get(f"p99_s_{concurrency}"):
-        cdf.axvline(target[0], color="C3", ls=":", lw=1.5, label=f"p99 target {target[0]:g} s")
-    cdf.set_title("latency at DELAY_SECONDS=5 (epoll client)", fontsize=11)
-    cdf.set_xlabel("latency, connect() to last byte (s)")
-    cdf.set_ylabel("requests answered within (%)")
-    cdf.set_ylim(0, 105)
-    cdf.legend(loc="lower right")
-
-    for axes, key, unit, title in (
-        (bars, "cpu_us_per_request", "CPU per request (µs)", "CPU at DELAY_SECONDS=0"),
-        (memory, "kb_per_in_flight", "memory per request in flight (kB)", "RSS, 1,000 to 5,000 at once"),
-    ):
-        values = [measured[app].get(key, 0) for app in apps]
-        axes.bar([key if key != "fastapi" else "FastAPI" for key in apps], values,
-                 color=[color for _, color, _ in apps.values()])
-        for i, value in enumerate(values):
-            axes.annotate(f"{value:g}", (i, value), xytext=(0, 3), textcoords="offset points", ha="center")
-        limit, relative = TARGETS[key]
-        target = limit * measured["floor"][key] if relative else limit
-        axes.axhline(target, color="C3", ls=":", lw=1.5,
-                     label=f"target {limit:g}x floor" if relative else f"target {limit:g}")
-        axes.set_ylabel(unit)
-        axes.set_title(title, fontsize=11)
-        axes.set_ylim(0, max(values + [target]) * 1.2)
-        axes.legend(loc="upper right")
-    return fig
-
-
-# Fixed margins, so that the layout (and the SVG's ids) do not depend on a layout solver.
-LATENCY_MARGINS = {"left": 0.06, "right": 0.98, "top": 0.86, "bottom": 0.12, "wspace": 0.35}
-
-
-BREAKDOWN = "## Where a request in flight's memory goes"
-
-
 def write_outputs(measured: dict) -> None:
-    text = section(measured)
-    path = TESTS / "measured.json"
-    # Keep what other benchmarks wrote there (tests/overload_benchmark.py's "overload").
-    measured = json.loads(path.read_text()) | measured if path.exists() else measured
-    path.write_text(json.dumps(measured, indent=2) + "\n")
-    # Below the run's section, the tracemalloc breakdown (tests/memory_profile.py) stays as it is.
-    perf = TESTS / "performance.md"
-    breakdown = perf.read_text().partition(BREAKDOWN)[2] if perf.exists() else ""
-    perf.write_text(text + "\n" + (f"\n{BREAKDOWN}{breakdown}" if breakdown else ""))
-    # The swarm-to-replicas table and charts are computed from measured.json: refresh them too.
-    import cluster_model
+    """measured.json keeps what the other tools wrote there; figures.py rewrites the docs from it."""
+    import figures
 
-    readme = ROOT / "README.md"
-    content = replace_marked(readme.read_text(), "benchmark", text)
-    readme.write_text(replace_marked(content, "capacity", cluster_model.capacity_table().strip()))
-    cluster_model.draw_svg(cluster_model.DOCS / "latency.svg", latency_chart, measured)
-    cluster_model.write_charts()
-    print(text)
+    path = TOOLS / "measured.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | measured, indent=2) + "\n")
+    for name in figures.stale(write=True):
+        print(f"rewrote {name}", file=sys.stderr)
+    print(figures.benchmark(json.loads(path.read_text())))
 
 
 # --- Main -------------------------------------------------------------------------------------
@@ -534,10 +364,7 @@ def main() -> None:
     parser.add_argument("--apps", default="service,fastapi,floor", help="comma-separated: " + ",".join(APPS))
     parser.add_argument("--concurrency", default="1000,5000,10000")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--redraw", action="store_true", help="rewrite the outputs from measured.json")
     args = parser.parse_args()
-    if args.redraw:
-        return write_outputs(json.loads((TESTS / "measured.json").read_text()))
     args.settle, args.idle, args.wrk = (2, 10, 5) if args.quick else (5, 20, 10)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
 
@@ -554,18 +381,18 @@ def main() -> None:
         "machine": machine(),
         "load_average_before": round(os.getloadavg()[0], 2),
         "command": "uv run --with-requirements service.py --with-requirements tests/requirements.txt "
-        "python tests/benchmark.py" + (" --quick" if args.quick else ""),
+        "python tests/tools/benchmark.py" + (" --quick" if args.quick else ""),
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for name in args.apps.split(","):
             measured[name] = measure(name, args, Path(tmp))
     measured["load_average_after"] = round(os.getloadavg()[0], 2)
-    if "service" in measured and "floor" in measured:
-        print(table(measured))
-        if not args.no_write:
-            write_outputs(measured)
-    else:
-        print(json.dumps(measured, indent=2))
+    print(json.dumps({k: v for k, v in measured.items() if k not in APPS}, indent=1))
+    others = [name for name in measured if name not in APPS and isinstance(measured[name], dict)]
+    for name in others:  # apps given as paths: beside the service, in this run
+        print(name, {k: v for k, v in measured.pop(name).items() if "quantiles" not in k})
+    if set(APPS) <= measured.keys() and not args.no_write:
+        write_outputs(measured)
 
 
 if __name__ == "__main__":

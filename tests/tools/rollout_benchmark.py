@@ -3,7 +3,7 @@
 Run from the repository root (Linux; needs `haproxy`, e.g. `apt-get install haproxy`):
 
     uv run --with-requirements service.py --with-requirements tests/requirements.txt \
-        python tests/rollout_benchmark.py [--replacements 30] [--prestop SECONDS]
+        python tests/tools/rollout_benchmark.py [--replacements 30] [--prestop SECONDS]
 
 What stands in for what, all on 127.0.0.1:
   - the Classic ELB in TCP mode and kube-proxy: HAProxy in `mode tcp`. Taking a pod out of the
@@ -11,7 +11,7 @@ What stands in for what, all on 127.0.0.1:
     connections stay, new ones go to the other instances, as conntrack keeps an established
     flow to a pod after its endpoint is removed;
   - the pods: 3 processes of service.py with DELAY_SECONDS=2;
-  - the load: the project's locustfile.py, headless, 300 users (locust as tests/conftest.py pins it);
+  - the load: the project's locustfile.py, headless, 300 users;
   - one replacement, as deployment.yaml's RollingUpdate (maxSurge 1, maxUnavailable 0) does it:
     start a new instance; once its /readyz answers 200, put it in rotation; then take the oldest
     instance out of rotation and, at that same moment, start its termination sequence as
@@ -25,12 +25,11 @@ probe, 1 s period, and its first readiness probe within a few seconds), so sever
 may be draining at once.
 
 It reports replacements, requests and failures (from locust's CSV stats) with every failure
-message, how each old instance ended, and a markdown row for the README; it exits 1 if any
-request failed. Without haproxy it says so and stops (exit 2). It installs nothing.
+message and how each old instance ended; `--write NAME` keeps the run in measured.json, named for
+the shutdown it measured, for docs/operations.md. It exits 1 if any request failed. Without haproxy it says so and stops (exit 2). It installs nothing.
 """
 
 import argparse
-import csv
 import datetime
 import http.client
 import json
@@ -47,8 +46,11 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-LOCUST = "locust==2.47.0"  # as tests/conftest.py pins it
+import figures
+import swarm
+
+ROOT = Path(__file__).resolve().parents[2]
+MEASURED = Path(__file__).resolve().parent / "measured.json"
 INSTANCES = 3
 USERS = 300
 DELAY_SECONDS = "2"
@@ -89,7 +91,7 @@ class Instance:
     def __init__(self, service: Path, workdir: Path, slot: int) -> None:
         self.slot, self.port = slot, free_port()
         log = (workdir / f"instance-{slot}.log").open("w")
-        env = {**os.environ, "PORT": str(self.port), "DELAY_SECONDS": DELAY_SECONDS}
+        env = {**os.environ, "PORT": str(self.port), "METRICS_PORT": str(free_port()), "DELAY_SECONDS": DELAY_SECONDS}
         self.proc = start([sys.executable, str(service)], env=env, stdout=log,
                           stderr=subprocess.STDOUT)
         self.log, self.ended, self.sigterm_at = Path(log.name), "", ""
@@ -169,19 +171,6 @@ backend be
 
 
 
-def locust_results(prefix: Path) -> tuple[int, int, list[str]]:
-    """Requests, failures and failure messages from locust's CSV stats."""
-    with open(f"{prefix}_stats.csv") as f:
-        total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
-    with open(f"{prefix}_failures.csv") as f:
-        messages = [f"{row['Occurrences']} x {row['Method']} {row['Name']}: {row['Error']}"
-                    for row in csv.DictReader(f)]
-    with open(f"{prefix}_exceptions.csv") as f:
-        messages += [f"{row['Count']} x exception in the locustfile: {row['Message']}"
-                     for row in csv.DictReader(f)]
-    return int(total["Request Count"]), int(total["Failure Count"]), messages
-
-
 def main() -> int:
     manifest_prestop, grace = termination_sequence(
         yaml.safe_load((ROOT / "deployment.yaml").read_text()))
@@ -193,6 +182,8 @@ def main() -> int:
                         help="seconds from one replacement's start to the next's (default 4)")
     parser.add_argument("--service", type=Path, default=ROOT / "service.py",
                         help="the service.py to run (default: this repository's)")
+    parser.add_argument("--write", metavar="SHUTDOWN",
+                        help="keep the run in measured.json (and docs/operations.md) as SHUTDOWN's")
     args = parser.parse_args()
     if not shutil.which("haproxy"):
         print("rollout benchmark: haproxy is not installed (Debian/Ubuntu: apt-get install "
@@ -219,8 +210,13 @@ def main() -> int:
         print(f"  {message}")
     print("old instances: " + ", ".join(f"{count} x {how}" for how, count in endings.items())
           + f"; requests they answered after their SIGTERM: {after}")
-    print(f"| preStop {args.prestop:g} s, SIGKILL at {grace:g} s | {args.replacements} | "
-          f"{requests:,} | {failures} |")
+    if args.write:
+        measured = json.loads(MEASURED.read_text())
+        measured.setdefault("rollout", []).append({
+            "shutdown": args.write, "prestop_s": args.prestop, "replacements": args.replacements,
+            "requests": requests, "failures": failures, "date": datetime.date.today().isoformat()})
+        MEASURED.write_text(json.dumps(measured, indent=2) + "\n")
+        figures.stale(write=True)
     return 1 if failures or messages else 0
 
 
@@ -231,13 +227,9 @@ def run(args: argparse.Namespace, grace: float, workdir: Path
     for instance in serving:
         instance.wait_ready()
         haproxy.ready(instance)
-    locust = start(
-        ["uvx", "--quiet", "--from", LOCUST, "locust", "-f", str(ROOT / "locustfile.py"),
-         "--headless", "-u", str(USERS), "-r", "100", "-H", f"http://127.0.0.1:{haproxy.port}",
-         "--csv", str(workdir / "locust"), "--only-summary", "--loglevel", "WARNING",
-         # On SIGTERM at the end, every user finishes the request it is in.
-         "--stop-timeout", "10"],
-        cwd=workdir, stdout=subprocess.DEVNULL, stderr=(workdir / "locust.log").open("w"))
+    swarm.install()
+    locust = start(swarm.command(f"http://127.0.0.1:{haproxy.port}", USERS, 100, workdir / "locust"),
+                   cwd=workdir, stdout=subprocess.DEVNULL, stderr=(workdir / "locust.log").open("w"))
     time.sleep(10)  # the swarm spawns (3 s) and every user's connection is open
 
     old: list[tuple[Instance, threading.Thread]] = []
@@ -268,7 +260,8 @@ def run(args: argparse.Namespace, grace: float, workdir: Path
     for instance, _ in old:
         endings[instance.ended] = endings.get(instance.ended, 0) + 1
     after = sum(instance.answered_after_sigterm() for instance, _ in old)
-    return *locust_results(workdir / "locust"), endings, after
+    results = swarm.results(workdir / "locust")
+    return results.requests, results.failures, results.messages, endings, after
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Run from the repository root (Linux; docker, or podman with CONTAINER_ENGINE=podman):
 
     uv run --with-requirements service.py --with-requirements tests/requirements.txt \
-        python tests/overload_benchmark.py [--ladder 1000,5000,...] [--no-write]
+        python tests/tools/overload_benchmark.py [--ladder 1000,5000,...] [--no-write]
 
 It builds `Dockerfile` once, then for every step of the ladder starts a fresh container with
 `--memory`/`--cpus` from deployment.yaml's limits, its env (MAX_IN_FLIGHT), DELAY_SECONDS=5,
@@ -16,8 +16,8 @@ Retry-After, peak working set (cgroup usage - inactive_file, as the kubelet coun
 peak working set against peak in flight over the steps below the cap. Every step up to the first
 burst larger than the memory limit holds (idle + slope) must pass; larger ones are reported as
 they are (one core and the kernel's listen queue, not memory, bound them). The figures go to
-tests/measured.json ("overload"), which tests/test_cluster.py checks deployment.yaml against.
-`--app floor` runs tests/floor_app.py in the same image instead (no cap: keep to 10,000), for the
+tests/tools/measured.json ("overload"), which tests/test_cluster.py checks deployment.yaml against.
+`--app floor` runs tests/tools/floor_app.py in the same image instead (no cap: keep to 10,000), for the
 bare-ASGI floor's bytes per request; `--context DIR` builds another tree (e.g. an older service.py).
 """
 
@@ -38,12 +38,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import cluster_model as cm
+import figures
 from benchmark import (
     BODY, CLIENT_CPU, SERVER_CPU, Request, drive, free_port, machine, raise_fd_limit, status_line,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-MEASURED = ROOT / "tests" / "measured.json"
+ROOT = Path(__file__).resolve().parents[2]
+MEASURED = Path(__file__).resolve().parent / "measured.json"
 TAG = "localhost/math-service-overload:latest"
 LADDER = (1_000, 5_000, 10_000, 15_000, 20_000, 30_000)
 SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
@@ -55,7 +56,7 @@ MAX_SHARE = 0.85  # of the memory limit, at the peak of any step
 NOFILE = (65536, 1048576)
 # The image runs service.py; the floor is mounted into it and run with the same Python and uvicorn.
 COMMAND = {"service": [], "floor": ["python", "floor_app.py"]}
-FLOOR_MOUNT = {"service": [], "floor": ["-v", f"{ROOT / 'tests' / 'floor_app.py'}:/app/floor_app.py:ro"]}
+FLOOR_MOUNT = {"service": [], "floor": ["-v", f"{Path(__file__).parent / 'floor_app.py'}:/app/floor_app.py:ro"]}
 
 
 # --- Container engine ---------------------------------------------------------------------------
@@ -142,7 +143,7 @@ class Cgroup:
 
 class Sampler(threading.Thread):
     """Working set every 20 ms; in-flight gauge and open fds every 250 ms (a keep-alive
-    connection opened before the burst, to /metrics, which the cap never refuses)."""
+    connection opened before the burst, to the metrics port, which the cap never sees)."""
 
     def __init__(self, cgroup: Cgroup, pid: int, port: int) -> None:
         super().__init__(daemon=True)
@@ -302,15 +303,15 @@ def start_pod(name: str, spec: dict, env: dict[str, str], image: str,
 
 
 def step(n: int, spec: dict, image: str, app: str = "service") -> dict:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     name = f"math-service-overload-{os.getpid()}-{n}"
-    env = {**spec["env"], "PORT": str(port), "DELAY_SECONDS": str(DELAY_SECONDS)}
+    env = {**spec["env"], "PORT": str(port), "METRICS_PORT": str(metrics_port), "DELAY_SECONDS": str(DELAY_SECONDS)}
     try:
         pid = start_pod(name, spec, env, image, COMMAND[app], FLOOR_MOUNT[app])
         cgroup = Cgroup(pid)
         time.sleep(2)
         idle = cgroup.working_set()
-        sampler = Sampler(cgroup, pid, port)
+        sampler = Sampler(cgroup, pid, metrics_port)
         sampler.start()
         before = tcp_counters()
         result = burst(port, n)
@@ -399,7 +400,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument(
         "--app", choices=COMMAND, default="service",
-        help="floor: tests/floor_app.py (bare ASGI, no cap) in the same image, for its bytes per request",
+        help="floor: tests/tools/floor_app.py (bare ASGI, no cap) in the same image, for its bytes per request",
     )
     args = parser.parse_args()
     ladder = [int(n) for n in args.ladder.split(",") if n]
@@ -432,7 +433,7 @@ def main() -> None:
             "date": datetime.date.today().isoformat(),
             "machine": machine(),
             "command": "uv run --with-requirements service.py --with-requirements "
-            "tests/requirements.txt python tests/overload_benchmark.py",
+            "tests/requirements.txt python tests/tools/overload_benchmark.py",
             "engine": engine(),
             "memory_limit_mib": limit_mib,
             "cpus": spec["cpus"],
@@ -445,6 +446,7 @@ def main() -> None:
             "steps": steps,
         }
         MEASURED.write_text(json.dumps(measured, indent=2) + "\n")
+        figures.stale(write=True)
     sys.exit(0 if passed else 1)
 
 

@@ -1,7 +1,7 @@
 """The benchmark's floor: the same job as service.py as a bare ASGI app on the same uvicorn.
 
 No framework, no validation, no logging, no metrics: whatever service.py costs above this is
-the price of FastAPI, pydantic, the access log and the metrics. Run: python tests/floor_app.py
+the price of FastAPI, pydantic, the access log and the metrics. Run: python tests/tools/floor_app.py
 """
 
 import asyncio

@@ -3,21 +3,20 @@
 Run from the repository root (Linux; docker or podman, or the engine CONTAINER_ENGINE names):
 
     uv run --with-requirements service.py --with-requirements tests/requirements.txt \
-        python tests/demo_rate_benchmark.py [--users 60,150,...] [--window 30] [--no-write]
+        python tests/tools/demo_rate_benchmark.py [--users 60,150,...] [--window 30] [--no-write]
 
-tests/benchmark.py measures CPU per request at saturation (DELAY_SECONDS=0, wrk, thousands of
+tests/tools/benchmark.py measures CPU per request at saturation (DELAY_SECONDS=0, wrk, thousands of
 requests per pass of the event loop). The HPA never sees that regime: in the README's demo each
 pod gets a few dozen requests per second, each sleeping 5 s, so almost every request wakes the
 loop on its own and costs several times more. This benchmark measures that regime the way the
 kubelet does: it builds `Dockerfile`, starts one container with deployment.yaml's limits and env
-(DELAY_SECONDS at its default), and for each swarm size runs `locustfile.py` headless (locust as
-tests/conftest.py pins it) and reads the container's cumulative CPU from its cgroup
+(DELAY_SECONDS at its default), and for each swarm size runs `locustfile.py` headless and reads the container's cumulative CPU from its cgroup
 (`cpuacct.usage` on cgroup v1, `cpu.stat` usage_usec on v2: what cAdvisor reports and
 metrics-server turns into the pod's CPU) over a window once the swarm is steady, and the requests
 answered in that window from the service's own `http_requests_total`. Idle CPU is read the same
 way before the first swarm. The container runs on core 0 and locust on core 1, as in the other
-benchmarks. The points go to tests/measured.json ("demo_rate"), which tests/cluster_model.py
-uses as the pod's CPU against its request rate.
+benchmarks. The points go to tests/tools/measured.json ("demo_rate"), which the model
+(cluster_model.py) uses as the pod's CPU against its request rate.
 """
 
 import argparse
@@ -31,12 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import figures
+import swarm
 from benchmark import CLIENT_CPU, free_port, machine
-from conftest import TOOLS
 from overload_benchmark import engine, pod_spec, run, start_pod
 
-ROOT = Path(__file__).resolve().parent.parent
-MEASURED = ROOT / "tests" / "measured.json"
+ROOT = Path(__file__).resolve().parents[2]
+MEASURED = Path(__file__).resolve().parent / "measured.json"
 TAG = "localhost/math-service-demo-rate:latest"
 # About 10, 25, 50, 100, 200 and 300 requests/s with the locustfile's 1-2 s think time and 5 s
 # answers: a pod's share of the demo swarm on 1 to 15 pods, and the whole swarm on one.
@@ -65,13 +65,11 @@ class CpuCgroup:
 
 
 def requests_answered(port: int) -> int:
-    """The service's own count of answered requests (every route but /metrics)."""
+    """The service's own count of answered requests, from its metrics port."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/metrics")
-    total = 0
-    for line in conn.getresponse().read().decode().splitlines():
-        if line.startswith("http_requests_total{") and 'route="/metrics"' not in line:
-            total += int(float(line.rsplit(" ", 1)[1]))
+    total = sum(int(float(line.rsplit(" ", 1)[1])) for line in conn.getresponse().read().decode().splitlines()
+                if line.startswith("http_requests_total{"))
     conn.close()
     return total
 
@@ -85,76 +83,35 @@ def window(cgroup: CpuCgroup, port: int, seconds: float) -> tuple[float, float]:
     return (cpu1 - cpu0) / (t1 - t0) * 1000, (n1 - n0) / (t1 - t0)
 
 
-def point(users: int, cgroup: CpuCgroup, port: int, seconds: float, workdir: Path) -> dict:
+def point(users: int, cgroup: CpuCgroup, port: int, metrics_port: int, seconds: float, workdir: Path) -> dict:
     """One swarm size: ramp, settle one full request cycle, then the measured window."""
     settle = users / SPAWN_RATE + 8
     stats = workdir / f"locust-{users}"
     locust = subprocess.Popen(
-        ["taskset", "-c", CLIENT_CPU, "uvx", "--quiet", "--from", TOOLS["locust"], "locust",
-         "-f", str(ROOT / "locustfile.py"), "--headless", "-u", str(users), "-r", str(SPAWN_RATE),
-         "-t", f"{int(settle + seconds + 5)}s", "-H", f"http://127.0.0.1:{port}",
-         "--json-file", str(stats), "--only-summary", "--loglevel", "WARNING"],
+        ["taskset", "-c", CLIENT_CPU, *swarm.command(f"http://127.0.0.1:{port}", users, SPAWN_RATE, stats,
+                                                     int(settle + seconds + 5))],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
-    # uvx may take a few seconds to start locust: the ramp begins with its first request.
-    before, deadline = requests_answered(port), time.monotonic() + 60
-    while requests_answered(port) == before:
+    # uv may take a few seconds to start locust: the ramp begins with its first request.
+    before, deadline = requests_answered(metrics_port), time.monotonic() + 60
+    while requests_answered(metrics_port) == before:
         if locust.poll() is not None or time.monotonic() > deadline:
             sys.exit(f"locust sent nothing:\n{locust.communicate()[1][-3000:]}")
         time.sleep(0.2)
     time.sleep(settle)
-    millicores, rate = window(cgroup, port, seconds)
+    millicores, rate = window(cgroup, metrics_port, seconds)
     _, err = locust.communicate(timeout=120)
-    entries = json.loads(stats.with_suffix(".json").read_text())
-    failures = sum(e["num_failures"] for e in entries)
-    if locust.returncode not in (0, 1) or not entries:
+    if locust.returncode not in (0, 1):
         sys.exit(f"locust failed ({locust.returncode}):\n{err[-3000:]}")
+    results = swarm.results(stats)
     return {
         "users": users,
         "requests_per_s": round(rate, 1),
         "cpu_millicores": round(millicores, 1),
         "cpu_ms_per_request": round(millicores / rate, 3),
-        "locust_requests": sum(e["num_requests"] for e in entries),
-        "locust_failures": failures,
+        "locust_requests": results.requests,
+        "locust_failures": results.failures,
     }
-
-
-def table(demo_rate: dict) -> str:
-    lines = [
-        "| locust users | requests/s | container CPU | CPU per request | locust failures |",
-        "|---:|---:|---:|---:|---:|",
-        f"| idle | 0 | {demo_rate['idle_cpu_millicores']:.1f}m | | |",
-    ]
-    for p in demo_rate["points"]:
-        lines.append(f"| {p['users']:,} | {p['requests_per_s']:g} | {p['cpu_millicores']:g}m "
-                     f"| {p['cpu_ms_per_request']:.2f} ms | {p['locust_failures']} |")
-    return "\n".join(lines)
-
-
-def section(measured: dict) -> str:
-    """docs/performance.md's demo-rate section: this benchmark's last run, and the metrics API's
-    per-pod readings from a real cluster next to it when measured.json has them."""
-    d = measured["demo_rate"]
-    text = [f"Measured {d['date']} on {d['machine']}, {d['engine']}, `--cpus {d['cpus']:g}`:", "", table(d)]
-    if cluster := measured.get("demo_rate_metrics_api"):
-        text += [
-            "",
-            f"The metrics API on a {cluster['cluster']} ({cluster['date']}; {cluster['run']}), each "
-            "pod at its own request rate:",
-            "",
-            "| requests/s | CPU (metrics API) | CPU per request |",
-            "|---:|---:|---:|",
-            *(f"| {p['requests_per_s']:g} | {p['cpu_millicores']:g}m "
-              f"| {p['cpu_millicores'] / p['requests_per_s']:.2f} ms |" for p in cluster["pods"]),
-        ]
-    return "\n".join(text)
-
-
-def write_section(measured: dict) -> None:
-    from benchmark import replace_marked
-
-    page = ROOT / "docs" / "performance.md"
-    page.write_text(replace_marked(page.read_text(), "demo-rate", section(measured)))
 
 
 def main() -> None:
@@ -166,27 +123,27 @@ def main() -> None:
     args = parser.parse_args()
 
     os.sched_setaffinity(0, {int(CLIENT_CPU)})  # this script and locust; the container on SERVER_CPU
-    spec, port = pod_spec(), free_port()
+    spec, port, metrics_port = pod_spec(), free_port(), free_port()
     print(f"== {engine()} build -> {TAG}", file=sys.stderr)
     run("build", "--network", "host", "-t", TAG, str(ROOT))
     name = f"math-service-demo-rate-{os.getpid()}"
-    env = {**spec["env"], "PORT": str(port)}  # DELAY_SECONDS: the image's default, as in the pod
+    env = {**spec["env"], "PORT": str(port), "METRICS_PORT": str(metrics_port)}  # DELAY_SECONDS: the image's default
     points = []
     try:
         cgroup = CpuCgroup(start_pod(name, spec, env, TAG))
         time.sleep(5)
-        idle_m, _ = window(cgroup, port, args.idle)
+        idle_m, _ = window(cgroup, metrics_port, args.idle)
         print(f"   idle: {idle_m:.2f} millicores", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="demo-rate-") as tmp:
             for users in (int(u) for u in args.users.split(",") if u):
-                points.append(point(users, cgroup, port, args.window, Path(tmp)))
+                points.append(point(users, cgroup, port, metrics_port, args.window, Path(tmp)))
                 print(f"   {json.dumps(points[-1])}", file=sys.stderr)
                 time.sleep(8)  # the last answers of this swarm, outside the next window
     finally:
         run("rm", "-f", name, check=False)
 
     demo_rate = {"idle_cpu_millicores": round(idle_m, 2), "points": points}
-    print(table(demo_rate))
+    print(json.dumps(demo_rate, indent=1))
     failed = any(p["locust_failures"] for p in points)
     if not failed and not args.no_write:
         measured = json.loads(MEASURED.read_text())
@@ -196,14 +153,14 @@ def main() -> None:
             "date": datetime.date.today().isoformat(),
             "machine": machine(),
             "command": "uv run --with-requirements service.py --with-requirements "
-            "tests/requirements.txt python tests/demo_rate_benchmark.py",
+            "tests/requirements.txt python tests/tools/demo_rate_benchmark.py",
             "engine": engine(),
             "cpus": spec["cpus"],
             "window_s": args.window,
             **demo_rate,
         }
         MEASURED.write_text(json.dumps(measured, indent=2) + "\n")
-        write_section(measured)
+        figures.stale(write=True)
     sys.exit(1 if failed else 0)
 
 

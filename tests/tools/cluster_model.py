@@ -20,7 +20,6 @@ import ast
 import itertools
 import json
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ import yaml
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MEASURED = Path(__file__).resolve().parent / "measured.json"
 
 # The swarm the README's demo uses: it must visibly scale out, and come back to 1 pod after.
@@ -247,22 +246,40 @@ def _rules(spec: dict | None, default: Rules) -> Rules:
     )
 
 
+# Prometheus's scrape interval for the in-flight metric: README.md installs the chart with 15 s
+# (its default is 1 minute).
+PROMETHEUS_SCRAPE_S = 15
+
+
 @dataclass(frozen=True)
 class HPA:
     min_replicas: int
     max_replicas: int
-    targets: dict[str, int]  # resource name -> averageUtilization (% of the request)
+    # "cpu"/"memory": averageUtilization, % of the request; "in_flight": requests in flight per
+    # pod (KEDA's Prometheus trigger on sum(http_requests_in_flight), an AverageValue target).
+    targets: dict[str, float]
     up: Rules = DEFAULT_UP
     down: Rules = DEFAULT_DOWN
+    scrape_s: int = PROMETHEUS_SCRAPE_S  # how old the in-flight sum the HPA reads may be
 
     @classmethod
-    def from_manifest(cls, doc: dict) -> HPA:
+    def from_manifest(cls, doc: dict, scrape_s: int = PROMETHEUS_SCRAPE_S) -> HPA:
+        """hpa.yaml, or keda-scaledobject.yaml (KEDA makes an HPA of it)."""
         spec = doc["spec"]
-        targets = {}
-        for metric in spec["metrics"]:
-            if metric["type"] != "Resource" or metric["resource"]["target"]["type"] != "Utilization":
-                raise ValueError(f"the model covers Resource Utilization metrics only: {metric}")
-            targets[metric["resource"]["name"]] = metric["resource"]["target"]["averageUtilization"]
+        if doc["kind"] == "ScaledObject":
+            (trigger,) = spec["triggers"]
+            if trigger["type"] != "prometheus" or "http_requests_in_flight" not in trigger["metadata"]["query"]:
+                raise ValueError(f"the model covers a Prometheus trigger on requests in flight only: {trigger}")
+            hpa = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {})
+            spec = {"minReplicas": spec.get("minReplicaCount", 0), "maxReplicas": spec.get("maxReplicaCount", 100),
+                    "behavior": hpa.get("behavior")}
+            targets = {"in_flight": float(trigger["metadata"]["threshold"])}
+        else:
+            targets = {}
+            for metric in spec["metrics"]:
+                if metric["type"] != "Resource" or metric["resource"]["target"]["type"] != "Utilization":
+                    raise ValueError(f"the model covers Resource Utilization metrics only: {metric}")
+                targets[metric["resource"]["name"]] = metric["resource"]["target"]["averageUtilization"]
         behavior = spec.get("behavior") or {}
         return cls(
             min_replicas=spec.get("minReplicas", 1),
@@ -270,6 +287,7 @@ class HPA:
             targets=targets,
             up=_rules(behavior.get("scaleUp"), DEFAULT_UP),
             down=_rules(behavior.get("scaleDown"), DEFAULT_DOWN),
+            scrape_s=scrape_s,
         )
 
 
@@ -327,7 +345,10 @@ class Tick:
     users: float
     replicas: int  # the Deployment's spec.replicas after this sync
     ready: int
-    utilization: dict[str, int | None]  # what `kubectl get hpa` shows, per resource
+    utilization: dict[str, float | None]  # what `kubectl get hpa` shows, per metric
+    # This sync's recommendation would differ had the metric read 3 % lower or higher: a
+    # decision on a knife edge, which a slightly faster or slower machine takes the other way.
+    near_edge: bool = False
 
 
 def _pod_value(pod: _Pod, resource: str) -> float | None:
@@ -347,10 +368,19 @@ def _utilization(values: dict[int, float], request: float) -> int:
     return math.floor(100 * sum(values.values()) / (request * len(values)))
 
 
+def desired_for_in_flight(in_flight_sum: float, target: float, current: int) -> tuple[int, float]:
+    """GetExternalPerPodMetricReplicas: (desired replicas, the average `kubectl get hpa` shows)."""
+    if abs(1.0 - in_flight_sum / (target * current)) <= TOLERANCE:
+        return current, math.ceil(in_flight_sum / current)
+    return math.ceil(in_flight_sum / target), math.ceil(in_flight_sum / current)
+
+
 def desired_for_metric(
-    pods: list[_Pod], t: float, resource: str, target: int, request: float, current: int
+    pods: list[_Pod], t: float, resource: str, target: float, request: float, current: int,
+    scale: float = 1.0,
 ) -> tuple[int, int] | None:
-    """GetResourceReplicas: (desired replicas, utilization %), or None without any metric."""
+    """GetResourceReplicas: (desired replicas, utilization %), or None without any metric.
+    `scale` multiplies every reading (a what-if)."""
     metrics, ignored, missing = {}, set(), set()
     for i, pod in enumerate(pods):
         if not pod.ready(t):
@@ -358,7 +388,7 @@ def desired_for_metric(
         elif (value := _pod_value(pod, resource)) is None:
             (ignored if resource == "cpu" else missing).add(i)
         else:
-            metrics[i] = value
+            metrics[i] = math.ceil(value * scale) if scale != 1.0 else value
     if not metrics:
         return None
     utilization = _utilization(metrics, request)
@@ -415,8 +445,17 @@ def simulate(
     ups: list[tuple[float, int]] = []
     downs: list[tuple[float, int]] = []
     ticks = []
+    # Requests in flight are the POSTs sent in the last DELAY_SECONDS (and round trip): they rise
+    # that much behind the swarm, and end that much after it.
+    holding = work.delay_s + ROUND_TRIP_S
+    sent: list[float] = []  # POSTs sent in each second so far
+    scraped_in_flight = 0.0  # the sum Prometheus holds: its last scrape of the pods' gauges
     for t in range(seconds + 1):
         u = users(t)
+        sent.append(request_rate(u, work.delay_s) * _post_share())
+        if t % hpa.scrape_s == SCRAPE_PHASE_S % hpa.scrape_s:
+            whole = int(holding)
+            scraped_in_flight = sum(sent[-whole:]) + (holding - whole) * (sent[-whole - 1] if len(sent) > whole else 0)
         ready = [p for p in pods if p.ready(t)]
         if ready:
             # Spread evenly: kube-proxy and the ELB balance connections, and the service ends each
@@ -434,13 +473,22 @@ def simulate(
             continue
 
         current = len(pods)
-        proposals, shown = [], {}
+        proposals, shown, edge = [], {}, False
         for resource, target in hpa.targets.items():
-            request = work.requests.cpu_m if resource == "cpu" else work.requests.memory_mib
-            result = desired_for_metric(pods, t, resource, target, request, current)
+            if resource == "in_flight":
+                def decide(scale: float) -> tuple[int, float]:
+                    return desired_for_in_flight(scraped_in_flight * scale, target, current)
+            else:
+                request = work.requests.cpu_m if resource == "cpu" else work.requests.memory_mib
+
+                def decide(scale: float) -> tuple[int, int] | None:
+                    return desired_for_metric(pods, t, resource, target, request, current, scale)
+            result = decide(1.0)
             shown[resource] = result[1] if result else None
             if result:
                 proposals.append(result[0])
+                bounded = {min(max(r[0], hpa.min_replicas), hpa.max_replicas) for r in (decide(0.97), result, decide(1.03)) if r}
+                edge |= len(bounded) > 1
         if proposals:
             desired = max(proposals)
             # Stabilisation: the lowest recommendation of the scale-up window, the highest of
@@ -469,7 +517,7 @@ def simulate(
                 del pods[: current - new]
                 pods.sort(key=lambda p: p.created)
                 downs.append((t, current - new))
-        ticks.append(Tick(t, u, len(pods), sum(p.ready(t) for p in pods), shown))
+        ticks.append(Tick(t, u, len(pods), sum(p.ready(t) for p in pods), shown, edge))
     return ticks
 
 
@@ -517,10 +565,15 @@ def swarm(users: int, stop_at: float = math.inf) -> Callable[[float], float]:
     return lambda t: 0 if t >= stop_at else min(users, SPAWN_RATE * t)
 
 
-def repo_kit(measured: Measured | None = None) -> tuple[HPA, Workload]:
+# The two autoscalers of the kit: hpa.yaml on CPU, or keda-scaledobject.yaml on requests in flight.
+AUTOSCALERS = {"cpu": "hpa.yaml", "in_flight": "keda-scaledobject.yaml"}
+
+
+def repo_kit(measured: Measured | None = None, autoscaler: str = "cpu",
+             scrape_s: int = PROMETHEUS_SCRAPE_S) -> tuple[HPA, Workload]:
     """The HPA and Workload the manifests in this repository describe."""
     nodes = manifest("cluster-config.yaml")["managedNodeGroups"][0]["minSize"]
-    return HPA.from_manifest(manifest("hpa.yaml")), Workload.from_manifests(
+    return HPA.from_manifest(manifest(AUTOSCALERS[autoscaler]), scrape_s), Workload.from_manifests(
         manifest("deployment.yaml"), measured or Measured.load(), nodes
     )
 
@@ -556,31 +609,21 @@ def capacity_row(hpa: HPA, work: Workload, users: int, run_s: int = 900, idle_s:
 
 
 def capacity_table(users: tuple[int, ...] = TABLE_USERS) -> str:
+    """README.md's table: what each swarm size does to the pods, on either autoscaler."""
     hpa, work = repo_kit()
+    keda = repo_kit(autoscaler="in_flight")[0]
     target = hpa.targets["cpu"]
     lines = [
-        "| Locust users | Requests/s | In flight | CPU per pod | `kubectl get hpa` TARGETS | Replicas "
-        "| Back to 1 pod after stop |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| Locust users | Requests/s | In flight | CPU per pod | `kubectl get hpa` TARGETS | Replicas on CPU "
+        "| Replicas on in flight | Back to 1 pod after the stop |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in (capacity_row(hpa, work, u) for u in users):
+    for row, other in ((capacity_row(hpa, work, u), capacity_row(keda, work, u)) for u in users):
         back = {None: "never", 0: "(never left 1)"}.get(row.back_to_min_s, f"{row.back_to_min_s} s")
         lines.append(
             f"| {row.users:,} | {row.rate:.0f} | {row.in_flight:.0f} | {row.cpu_per_pod_m:.1f}m "
-            f"| cpu: {row.utilization}%/{target}% | {row.replicas} | {back} |"  # as the API server prints it
+            f"| cpu: {row.utilization}%/{target}% | {row.replicas} | {other.replicas} | {back} |"  # as the API server prints it
         )
-    m = work.measured
-    lines += [
-        "",
-        "Model inputs: the pod's CPU as the kubelet counts it (tests/demo_rate_benchmark.py, "
-        f"tests/measured.json \"demo_rate\"): {m.idle_cpu_m:g}m idle, "
-        + ", ".join(f"{m.idle_cpu_m + c:.0f}m at {r:g}" for r, c in m.cpu_curve[1:])
-        + f" requests/s; {m.idle_rss_mib:g} MiB idle RSS (tests/benchmark.py); DELAY_SECONDS {work.delay_s:g} s; "
-        f"think time 1-2 s; request {work.requests.cpu_m:g}m CPU, HPA target {target}% "
-        f"({work.requests.cpu_m * target / 100:g}m per pod); swarm spawned at {SPAWN_RATE} users/s, "
-        f"settled after 15 min. {work.capacity} app pods fit on {work.nodes} {T3_LARGE.name} nodes "
-        f"in the worst placement of the system pods.",
-    ]
     return "\n".join(lines)
 
 
@@ -621,42 +664,47 @@ def draw_svg(path: Path, draw: Callable[..., Figure], *args) -> Path:
     return path
 
 
-def demo_chart(hpa: HPA, work: Workload) -> Figure:
-    """The demo swarm against the HPA: users, replicas, and the CPU the HPA acts on."""
+def demo_ticks(hpa: HPA, work: Workload, users: int = DEMO_USERS, run_s: int = DEMO_RUN_S,
+               end: int = DEMO_RUN_S + DEMO_AFTER_S) -> list[Tick]:
+    """The model's run of a swarm that stops at run_s, from t = 0."""
+    swarm_users = swarm(users, stop_at=run_s)
+    return [Tick(0, 0, hpa.min_replicas, hpa.min_replicas, {}),
+            *simulate(hpa, work, swarm_users, end, hpa.min_replicas)]
+
+
+def demo_chart(work: Workload) -> Figure:
+    """The demo swarm against both autoscalers: users, replicas, and the metric each acts on."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
+    kits = {kind: repo_kit(work.measured, kind)[0] for kind in AUTOSCALERS}
+    ticks = {kind: demo_ticks(hpa, work) for kind, hpa in kits.items()}
     users = swarm(DEMO_USERS, stop_at=DEMO_RUN_S)
-    start = Tick(0, users(0), hpa.min_replicas, hpa.min_replicas, {})
-    ticks = [start, *simulate(hpa, work, users, DEMO_RUN_S + DEMO_AFTER_S, hpa.min_replicas)]
-    syncs = [k.t for k in ticks]
-    back = next((k.t for k in ticks if k.t > DEMO_RUN_S and k.replicas == hpa.min_replicas), None)
-    target = hpa.targets["cpu"]
-
-    fig = Figure(figsize=(10, 8.5))
-    top, pods, cpu = fig.subplots(3, 1, sharex=True, height_ratios=(2, 3, 3), gridspec_kw=DEMO_MARGINS)
-    fig.suptitle(
-        f"The demo swarm, modelled: {DEMO_USERS:,} locust users spawned at {SPAWN_RATE}/s, "
-        f"stopped after {DEMO_RUN_S // 60} minutes",
-        fontsize=13,
-    )
-
     seconds = range(DEMO_RUN_S + DEMO_AFTER_S + 1)
+
+    fig = Figure(figsize=(10, 11))
+    top, pods, cpu, flight = fig.subplots(4, 1, sharex=True, height_ratios=(2, 3, 3, 3), gridspec_kw=DEMO_MARGINS)
+    fig.suptitle(f"The demo swarm, modelled: {DEMO_USERS:,} locust users spawned at {SPAWN_RATE}/s, "
+                 f"stopped after {DEMO_RUN_S // 60} minutes", fontsize=13)
     top.plot(seconds, [users(t) for t in seconds], lw=2, label="locust users")
-    top.annotate(
-        f"{DEMO_USERS:,} users ≈ {request_rate(DEMO_USERS, work.delay_s):.0f} requests/s",
-        (DEMO_USERS / SPAWN_RATE, DEMO_USERS), xytext=(8, -16), textcoords="offset points",
-    )
+    top.annotate(f"{DEMO_USERS:,} users ≈ {request_rate(DEMO_USERS, work.delay_s):.0f} requests/s",
+                 (DEMO_USERS / SPAWN_RATE, DEMO_USERS), xytext=(8, -16), textcoords="offset points")
     top.set_ylabel("users")
     top.set_ylim(0, DEMO_USERS * 1.25)
     top.legend(loc="center right")
 
-    pods.step(syncs, [k.replicas for k in ticks], where="post", lw=2.5, label="desired (spec.replicas)")
-    pods.step(syncs, [k.ready for k in ticks], where="post", lw=2, ls="--", label="ready (at each sync)")
-    for before, k in itertools.pairwise(ticks):
-        if k.replicas > before.replicas:
-            pods.annotate(f"{k.replicas} at {k.t} s", (k.t, k.replicas), xytext=(-4, 6),
-                          textcoords="offset points", ha="right")
+    names = {"cpu": "on CPU (hpa.yaml)", "in_flight": "on requests in flight (keda-scaledobject.yaml)"}
+    marks = [(DEMO_RUN_S, "0.2", f"swarm stops: {DEMO_RUN_S} s ", "right")]
+    for (kind, run), style in zip(ticks.items(), ("-", "--")):
+        syncs = [k.t for k in run]
+        pods.step(syncs, [k.replicas for k in run], where="post", lw=2.5, ls=style, label=f"desired, {names[kind]}")
+        for before, k in itertools.pairwise(run):
+            if k.replicas > before.replicas:
+                pods.annotate(f"{k.replicas} at {k.t} s", (k.t, k.replicas), xytext=(-4, 6) if kind == "cpu" else (4, -14),
+                              textcoords="offset points", ha="right" if kind == "cpu" else "left", fontsize=9)
+        if back := next((k.t for k in run if k.t > DEMO_RUN_S and k.replicas == 1), None):
+            marks.append((back, "C2" if kind == "cpu" else "C1", f" {kind.replace('_', ' ')}: back to 1 at {back} s", "left"))
+    hpa = kits["cpu"]
     pods.axhline(hpa.max_replicas, color="0.4", lw=1)
     pods.text(seconds[-1], hpa.max_replicas, f"maxReplicas {hpa.max_replicas} ", ha="right", va="bottom")
     pods.set_ylabel("replicas")
@@ -664,84 +712,78 @@ def demo_chart(hpa: HPA, work: Workload) -> Figure:
     pods.yaxis.set_major_locator(MaxNLocator(integer=True))
     pods.legend(loc="center right")
 
-    utilization = [math.nan if k.utilization.get("cpu") is None else k.utilization["cpu"] for k in ticks]
-    cpu.step(syncs, utilization, where="post", lw=2.5, label="pods' average, as the HPA reads it")
-    cpu.axhline(target, color="C3", lw=1.5, label=f"target {target} % (hpa.yaml)")
-    cpu.axhspan(target * (1 - TOLERANCE), target * (1 + TOLERANCE), color="C3", alpha=0.15,
-                label=f"within {TOLERANCE:.0%} of the target: no change")
+    for axes, kind, unit in ((cpu, "cpu", " %"), (flight, "in_flight", " per pod")):
+        run, target = ticks[kind], kits[kind].targets[kind]
+        shown = [math.nan if k.utilization.get(kind) is None else k.utilization[kind] for k in run]
+        axes.step([k.t for k in run], shown, where="post", lw=2.5, label="pods' average, as the HPA reads it")
+        axes.axhline(target, color="C3", lw=1.5, label=f"target {target:g}{unit} ({AUTOSCALERS[kind]})")
+        axes.axhspan(target * (1 - TOLERANCE), target * (1 + TOLERANCE), color="C3", alpha=0.15,
+                     label=f"within {TOLERANCE:.0%} of the target: no change")
+        axes.set_ylim(0, max(filter(math.isfinite, shown), default=target) * 1.3)
     cpu.set_ylabel("CPU, % of the pod's request")
-    cpu.set_ylim(0, max(filter(math.isfinite, utilization), default=target) * 1.3)
-    finish_cpu_axis(cpu, work.requests.cpu_m, seconds[-1])
-
-    marks = [(DEMO_RUN_S, "0.2", f"swarm stops: {DEMO_RUN_S} s ", "right")]
-    if back is not None:
-        marks.append((back, "C2", f" back to {hpa.min_replicas} pod: {back} s", "left"))
-    draw_marks(marks, top, pods, cpu)
+    cpu.secondary_yaxis("right", functions=(lambda p: p * work.requests.cpu_m / 100,
+                                            lambda m: m * 100 / work.requests.cpu_m)).set_ylabel("millicores per pod")
+    cpu.legend(loc="upper right")
+    flight.set_ylabel("requests in flight per pod")
+    finish_time_axis(flight, seconds[-1])
+    draw_marks(marks, top, pods, cpu, flight)
     return fig
 
 
 def finish_cpu_axis(cpu, request_m: float, end: float) -> None:
     """Millicores beside the percentages, the legend, and minutes along the time axis."""
-    from matplotlib.ticker import MultipleLocator
-
     cpu.secondary_yaxis(
         "right", functions=(lambda p: p * request_m / 100, lambda m: m * 100 / request_m)
     ).set_ylabel("millicores per pod")
-    cpu.legend(loc="upper right")
-    cpu.set_xlabel("time since the swarm started (s)")
-    cpu.xaxis.set_major_locator(MultipleLocator(60))
-    cpu.set_xlim(0, end)
+    finish_time_axis(cpu, end)
+
+
+def finish_time_axis(axes, end: float) -> None:
+    """The legend, and minutes along the time axis."""
+    from matplotlib.ticker import MultipleLocator
+
+    axes.legend(loc="upper right")
+    axes.set_xlabel("time since the swarm started (s)")
+    axes.xaxis.set_major_locator(MultipleLocator(60))
+    axes.set_xlim(0, end)
 
 
 def draw_marks(marks: list[tuple[float, str, str, str]], top, *others) -> None:
-    """Each (time, color, label, side) as a dotted line across every axis, labelled on the top one."""
-    for at, color, label, side in marks:
+    """Each (time, color, label, side) as a dotted line across every axis, labelled on the top
+    one, each label a little lower than the one before."""
+    for i, (at, color, label, side) in enumerate(marks):
         for ax in (top, *others):
             ax.axvline(at, color=color, ls=":", lw=1.5)
-        top.text(at, 0.97, label, transform=top.get_xaxis_transform(), ha=side, va="top", color=color)
+        top.text(at, 0.97 - 0.13 * i, label, transform=top.get_xaxis_transform(), ha=side, va="top", color=color)
 
 
-def capacity_chart(hpa: HPA, work: Workload) -> Figure:
-    """Swarm size -> replicas once the swarm has run 15 minutes: the capacity table's curve."""
+def capacity_chart(work: Workload) -> Figure:
+    """Swarm size -> replicas once the swarm has run 15 minutes, for each autoscaler: the
+    capacity table's curves."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    curve = [capacity_row(hpa, work, u) for u in CAPACITY_USERS]
-    table = [capacity_row(hpa, work, u) for u in TABLE_USERS]
-    demo = next(r for r in table + curve if r.users == DEMO_USERS)
-
     fig = Figure(figsize=(8, 4))
     ax = fig.subplots(gridspec_kw=CAPACITY_MARGINS)
-    ax.set_title(f"Swarm size → replicas, modelled (HPA target {hpa.targets['cpu']} % CPU)")
-    ax.step([r.users for r in curve], [r.replicas for r in curve], where="mid", lw=2,
-            label=f"model, every {CAPACITY_USERS.step} users")
-    ax.plot([r.users for r in table], [r.replicas for r in table], "o", ms=7, label="README table rows")
-    ax.annotate(f"demo: {demo.users:,} users → {demo.replicas}", (demo.users, demo.replicas),
-                xytext=(10, -18), textcoords="offset points")
+    ax.set_title("Swarm size → replicas, modelled")
+    for (kind, name), style in zip(AUTOSCALERS.items(), ("-", "--")):
+        hpa = repo_kit(work.measured, kind)[0]
+        curve = [capacity_row(hpa, work, u) for u in CAPACITY_USERS]
+        on = f"on CPU, {hpa.targets['cpu']:g} %" if kind == "cpu" else f"on requests in flight, {hpa.targets[kind]:g} per pod"
+        ax.step([r.users for r in curve], [r.replicas for r in curve], where="mid", lw=2, ls=style,
+                label=f"{on} ({name})")
+    ax.axvline(DEMO_USERS, color="0.4", ls=":", lw=1.5)
+    ax.text(DEMO_USERS, 0.3, f" the demo: {DEMO_USERS:,} users", color="0.3")
     ax.axhline(hpa.max_replicas, color="0.4", lw=1)
-    ax.text(0, hpa.max_replicas, f" maxReplicas {hpa.max_replicas} (hpa.yaml)", va="bottom")
-    ax.set_xlabel(f"locust users (spawned at {SPAWN_RATE}/s, after 15 minutes)")
+    ax.text(0, hpa.max_replicas, f" maxReplicas {hpa.max_replicas}", va="bottom")
+    ax.set_xlabel(f"locust users (spawned at {SPAWN_RATE}/s, after 15 minutes; one point every {CAPACITY_USERS.step})")
     ax.set_ylabel("replicas")
     ax.set_xlim(0, CAPACITY_USERS.stop * 1.04)
     ax.set_ylim(0, hpa.max_replicas + 1)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(loc="lower right")
+    ax.legend(loc="center right")
     return fig
 
 
-def write_charts(directory: Path = DOCS) -> list[Path]:
-    hpa, work = repo_kit()
-    return [
-        draw_svg(directory / "demo-timeline.svg", demo_chart, hpa, work),
-        draw_svg(directory / "capacity.svg", capacity_chart, hpa, work),
-    ]
-
-
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Print README.md's capacity table, redraw the charts.")
-    parser.add_argument("--charts", type=Path, default=DOCS, help="directory for the SVGs (default: docs/)")
     print(capacity_table())
-    for path in write_charts(parser.parse_args().charts):
-        print(f"wrote {path}", file=sys.stderr)
