@@ -91,6 +91,13 @@ def wait_for(check: Callable[[], T], what: str, timeout: float = 30) -> T:
     return value
 
 
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text format, labels in any order."""
     want = {f'{k}="{v}"' for k, v in labels.items()}
@@ -149,16 +156,13 @@ def run_service(tmp_path: Path, wait: bool = True, runner: str = "python service
                                 env=full_env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     service = Service(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", log_path)
 
-    def healthy() -> bool:
+    def started() -> bool:
         assert proc.poll() is None, f"service exited {proc.returncode}:\n{log_path.read_text()}"
-        try:
-            return httpx.get(service.url + "/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
+        return healthy(service.url)
 
     try:
         if wait:
-            wait_for(healthy, f"the service answers /healthz:\n{log_path.read_text()}")
+            wait_for(started, f"the service answers /healthz:\n{log_path.read_text()}")
         yield service
     finally:
         if proc.poll() is None:

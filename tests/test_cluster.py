@@ -30,34 +30,15 @@ MANIFESTS = ("deployment.yaml", "service.yaml", "hpa.yaml")
 SAFETY = 1.3
 
 
-@pytest.fixture(scope="module")
-def cluster() -> dict:
-    return cm.manifest("cluster-config.yaml")
-
-
-@pytest.fixture(scope="module")
-def deployment() -> dict:
-    return cm.manifest("deployment.yaml")
-
-
-@pytest.fixture(scope="module")
-def container(deployment) -> dict:
-    return cm.app_container(deployment)
-
-
-@pytest.fixture(scope="module")
-def kit() -> tuple[cm.HPA, cm.Workload]:
-    return cm.repo_kit()
+CLUSTER, DEPLOYMENT = cm.manifest("cluster-config.yaml"), cm.manifest("deployment.yaml")
+CONTAINER = cm.app_container(DEPLOYMENT)
+HPA, WORK = cm.repo_kit()
 
 
 def routes() -> dict[str, set[str]]:
     import service
 
     return {r.path: r.methods for r in service.app.routes if hasattr(r, "methods")}
-
-
-def settings_default(name: str) -> float:
-    return cm.service_default(name)
 
 
 # --- Cluster config ---------------------------------------------------------------------------
@@ -78,20 +59,20 @@ def eksctl_schema(config: pytest.Config) -> dict:
     return json.loads(text)
 
 
-def test_cluster_config_valid_for_eksctl(cluster, pytestconfig):
+def test_cluster_config_valid_for_eksctl(pytestconfig):
     # The validator is the one the schema's "$schema" names (draft 7 for eksctl's).
-    jsonschema.validate(cluster, eksctl_schema(pytestconfig))
+    jsonschema.validate(CLUSTER, eksctl_schema(pytestconfig))
 
 
-def test_cluster_config_is_creatable_and_as_documented(cluster):
-    meta = cluster["metadata"]
+def test_cluster_config_is_creatable_and_as_documented():
+    meta = CLUSTER["metadata"]
     assert (meta["name"], meta["region"]) == ("math-service-cluster", "eu-west-2")
     # A string (YAML would read 1.30 as 1.3), and 1.35 or newer: in EKS standard support.
     assert isinstance(meta["version"], str)
     assert tuple(map(int, meta["version"].split("."))) >= (1, 35)
-    assert cluster["autoModeConfig"] == {"enabled": False}
-    assert "metrics-server" in [a["name"] for a in cluster["addons"]]
-    (group,) = cluster["managedNodeGroups"]
+    assert CLUSTER["autoModeConfig"] == {"enabled": False}
+    assert "metrics-server" in [a["name"] for a in CLUSTER["addons"]]
+    (group,) = CLUSTER["managedNodeGroups"]
     assert (group["name"], group["instanceType"]) == ("standard-workers", "t3.large")
     assert (group["minSize"], group["desiredCapacity"], group["maxSize"]) == (2, 2, 3)
 
@@ -99,8 +80,8 @@ def test_cluster_config_is_creatable_and_as_documented(cluster):
 # --- Kubernetes schema and policy -------------------------------------------------------------
 
 
-def test_manifests_valid_for_the_cluster_version(cluster):
-    version = cluster["metadata"]["version"] + ".0"
+def test_manifests_valid_for_the_cluster_version():
+    version = CLUSTER["metadata"]["version"] + ".0"
     result = uvx("kubernetes-validate", "--strict", "-k", version, *MANIFESTS, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("passed") == len(MANIFESTS), result.stdout
@@ -128,28 +109,28 @@ def test_yaml_is_lint_clean():
 # --- Deployment and Service against the service itself ---------------------------------------
 
 
-def test_ports_agree_with_the_service(container):
+def test_ports_agree_with_the_service():
     service_doc = cm.manifest("service.yaml")
     (port,) = service_doc["spec"]["ports"]
-    named = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert named["http"] == settings_default("port") == port["targetPort"]
-    assert {"name": "PORT", "value": str(named["http"])} in container["env"]
+    named = {p["name"]: p["containerPort"] for p in CONTAINER["ports"]}
+    assert named["http"] == cm.service_default("port") == port["targetPort"]
+    assert {"name": "PORT", "value": str(named["http"])} in CONTAINER["env"]
     assert port["port"] == 80 and service_doc["spec"]["type"] == "LoadBalancer"
     # The metrics have a port of their own, which the load balancer never exposes.
-    assert named["metrics"] == settings_default("metrics_port") != port["targetPort"]
+    assert named["metrics"] == cm.service_default("metrics_port") != port["targetPort"]
 
 
-def test_probes_and_scrapes_reach_real_routes(deployment, container, tmp_path):
-    probes = {p: container[p]["httpGet"] for p in ("startupProbe", "livenessProbe", "readinessProbe")}
-    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+def test_probes_and_scrapes_reach_real_routes(tmp_path):
+    probes = {p: CONTAINER[p]["httpGet"] for p in ("startupProbe", "livenessProbe", "readinessProbe")}
+    named = {p["name"]: p["containerPort"] for p in CONTAINER["ports"]}
     assert probes["livenessProbe"]["path"] == "/healthz"
     assert probes["readinessProbe"]["path"] == "/readyz"
-    assert all(named.get(p["port"], p["port"]) == settings_default("port") for p in probes.values())
+    assert all(named.get(p["port"], p["port"]) == cm.service_default("port") for p in probes.values())
     assert all("GET" in routes()[p["path"]] for p in probes.values())
     # No long initial delays: the startup probe gives the slow start its time.
-    assert all(container[p].get("initialDelaySeconds", 0) == 0 for p in probes)
+    assert all(CONTAINER[p].get("initialDelaySeconds", 0) == 0 for p in probes)
     # Prometheus scrapes where the pod's annotations say, and finds the metric KEDA's query sums.
-    scrape = deployment["spec"]["template"]["metadata"]["annotations"]
+    scrape = DEPLOYMENT["spec"]["template"]["metadata"]["annotations"]
     assert scrape["prometheus.io/scrape"] == "true" and int(scrape["prometheus.io/port"]) == named["metrics"]
     (trigger,) = cm.manifest("keda-scaledobject.yaml")["spec"]["triggers"]
     with run_service(tmp_path) as svc:
@@ -159,10 +140,10 @@ def test_probes_and_scrapes_reach_real_routes(deployment, container, tmp_path):
     assert metric(scraped, "http_requests_in_flight") == 0 and "sum(http_requests_in_flight{" in trigger["metadata"]["query"]
 
 
-def test_grace_period_covers_prestop_and_a_full_request(deployment, container, tmp_path):
-    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    delay = settings_default("delay_seconds")
+def test_grace_period_covers_prestop_and_a_full_request(tmp_path):
+    grace = DEPLOYMENT["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    pre_stop = CONTAINER["lifecycle"]["preStop"]["sleep"]["seconds"]
+    delay = cm.service_default("delay_seconds")
     assert pre_stop >= 5
     # After SIGTERM an idle keep-alive connection may take uvicorn's keep-alive timeout (+1 s, the
     # service's wait) to send its last request, which then runs a full DELAY_SECONDS.
@@ -191,49 +172,35 @@ def test_grace_period_covers_prestop_and_a_full_request(deployment, container, t
 
 def test_service_health_check_and_draining():
     annotations = cm.manifest("service.yaml")["metadata"]["annotations"]
-    prefix = "service.beta.kubernetes.io/aws-load-balancer-"
-    assert annotations[prefix + "healthcheck-path"] == "/healthz" and "GET" in routes()["/healthz"]
+    assert annotations[ELB + "healthcheck-path"] == "/healthz" and "GET" in routes()["/healthz"]
     # The ELB checks the node port; a container port here would point it at nothing.
-    assert prefix + "healthcheck-port" not in annotations
-    timeout, interval = (int(annotations[f"{prefix}healthcheck-{k}"]) for k in ("timeout", "interval"))
-    assert timeout < interval
-    assert annotations[prefix + "connection-draining-enabled"] == "true"
-    assert int(annotations[prefix + "connection-draining-timeout"]) > settings_default("delay_seconds")
+    assert ELB + "healthcheck-port" not in annotations
+    assert annotations[ELB + "connection-draining-enabled"] == "true"
+    assert int(annotations[ELB + "connection-draining-timeout"]) > cm.service_default("delay_seconds")
 
 
 # The Service annotations the AWS cloud provider's legacy service controller reads (the
 # `ServiceAnnotationLoadBalancer*` constants of kubernetes/cloud-provider-aws,
 # pkg/providers/v1/aws.go). An annotation not in this list is ignored without a word.
-ELB_ANNOTATIONS = frozenset(
-    "service.beta.kubernetes.io/aws-load-balancer-" + name
-    for name in (
-        "type", "internal", "proxy-protocol", "access-log-emit-interval", "access-log-enabled",
-        "access-log-s3-bucket-name", "access-log-s3-bucket-prefix", "connection-draining-enabled",
-        "connection-draining-timeout", "connection-idle-timeout",
-        "cross-zone-load-balancing-enabled", "extra-security-groups", "security-groups", "ssl-cert",
-        "ssl-ports", "ssl-negotiation-policy", "backend-protocol", "additional-resource-tags",
-        "healthcheck-protocol", "healthcheck-port", "healthcheck-path",
-        "healthcheck-healthy-threshold", "healthcheck-unhealthy-threshold", "healthcheck-timeout",
-        "healthcheck-interval", "eip-allocations", "target-node-labels", "subnets",
-    )
-)
+ELB = "service.beta.kubernetes.io/aws-load-balancer-"
+ELB_ANNOTATIONS = frozenset(ELB + name for name in (
+    "type", "internal", "proxy-protocol", "access-log-emit-interval", "access-log-enabled", "access-log-s3-bucket-name",
+    "access-log-s3-bucket-prefix", "connection-draining-enabled", "connection-draining-timeout", "connection-idle-timeout",
+    "cross-zone-load-balancing-enabled", "extra-security-groups", "security-groups", "ssl-cert", "ssl-ports",
+    "ssl-negotiation-policy", "backend-protocol", "additional-resource-tags", "healthcheck-protocol", "healthcheck-port",
+    "healthcheck-path", "healthcheck-healthy-threshold", "healthcheck-unhealthy-threshold", "healthcheck-timeout",
+    "healthcheck-interval", "eip-allocations", "target-node-labels", "subnets"))
 # Integer annotations and the Classic ELB API's valid ranges: HealthCheck (Elastic Load Balancing
 # API Reference 2012-06-01, API_HealthCheck.html) and connection draining (Classic Load Balancer
 # guide, config-conn-drain.html: 1 to 3,600 s). The provider passes them on unchecked.
-ELB_INTEGER_RANGES = {
-    "healthcheck-interval": (5, 300),
-    "healthcheck-timeout": (2, 60),
-    "healthcheck-healthy-threshold": (2, 10),
-    "healthcheck-unhealthy-threshold": (2, 10),
-    "connection-draining-timeout": (1, 3600),
-}
+ELB_INTEGER_RANGES = {"healthcheck-interval": (5, 300), "healthcheck-timeout": (2, 60), "healthcheck-healthy-threshold": (2, 10),
+                      "healthcheck-unhealthy-threshold": (2, 10), "connection-draining-timeout": (1, 3600)}
 
 
 def elb_annotation_errors(annotations: dict[str, str]) -> list[str]:
     """What the AWS cloud provider or the Classic ELB API would refuse or mangle."""
-    prefix = "service.beta.kubernetes.io/aws-load-balancer-"
-    ours = {k.removeprefix(prefix): v for k, v in annotations.items() if k.startswith(prefix)}
-    errors = [f"unknown annotation {prefix}{k}" for k in ours if prefix + k not in ELB_ANNOTATIONS]
+    ours = {k.removeprefix(ELB): v for k, v in annotations.items() if k.startswith(ELB)}
+    errors = [f"unknown annotation {ELB}{k}" for k in ours if ELB + k not in ELB_ANNOTATIONS]
     # ensureLoadBalancerHealthCheck (pkg/providers/v1/aws_loadbalancer.go) copies the protocol
     # verbatim into the ELB target "PROTOCOL:PORT/path"; the ELB API knows only the upper-case
     # names, and a lower-case one corrupts the health check (cloud-provider-aws#1181).
@@ -258,20 +225,14 @@ def elb_annotation_errors(annotations: dict[str, str]) -> list[str]:
 
 
 # The original README's service.yaml annotations, verbatim.
-ORIGINAL_ELB_ANNOTATIONS = {
-    "service.beta.kubernetes.io/aws-load-balancer-healthcheck-protocol": "http",
-    "service.beta.kubernetes.io/aws-load-balancer-healthcheck-path": "/healthz",
-    "service.beta.kubernetes.io/aws-load-balancer-healthcheck-timeout": "6",
-    "service.beta.kubernetes.io/aws-load-balancer-healthcheck-unhealthy-threshold": "5",
-    "service.beta.kubernetes.io/aws-load-balancer-healthcheck-healthy-threshold": "3",
-    "service.beta.kubernetes.io/aws-load-balancer-healthcheck-interval": "10",
-}
+ORIGINAL_ELB_ANNOTATIONS = {ELB + k: v for k, v in {
+    "healthcheck-protocol": "http", "healthcheck-path": "/healthz", "healthcheck-timeout": "6",
+    "healthcheck-unhealthy-threshold": "5", "healthcheck-healthy-threshold": "3", "healthcheck-interval": "10"}.items()}
 
 
 def test_elb_annotations_are_what_the_aws_provider_accepts():
     annotations = cm.manifest("service.yaml")["metadata"]["annotations"]
-    assert any(k.startswith("service.beta.kubernetes.io/aws-load-balancer-") for k in annotations)
-    assert elb_annotation_errors(annotations) == []
+    assert any(k.startswith(ELB) for k in annotations) and elb_annotation_errors(annotations) == []
 
 
 @pytest.mark.parametrize(
@@ -289,39 +250,37 @@ def test_elb_annotations_are_what_the_aws_provider_accepts():
          "threshold-too-low", "draining-zero", "boolean-spelling", "misspelt-name"],
 )
 def test_elb_annotation_check_refuses_what_the_provider_would_mangle(change, error):
-    prefix = "service.beta.kubernetes.io/aws-load-balancer-"
-    annotations = ORIGINAL_ELB_ANNOTATIONS | {prefix + k: v for k, v in change.items()}
-    errors = elb_annotation_errors(annotations)
+    errors = elb_annotation_errors(ORIGINAL_ELB_ANNOTATIONS | {ELB + k: v for k, v in change.items()})
     assert len(errors) == 1 and error in errors[0], errors
 
 
-def test_pod_runs_restricted(deployment, container):
-    pod = deployment["spec"]["template"]["spec"]
+def test_pod_runs_restricted():
+    pod = DEPLOYMENT["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 10001  # the image's USER
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    ctx = container["securityContext"]
+    ctx = CONTAINER["securityContext"]
     assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
     assert ctx["capabilities"]["drop"] == ["ALL"]
-    tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+    tmp = next(m for m in CONTAINER["volumeMounts"] if m["mountPath"] == "/tmp")
     assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == tmp["name"])
 
 
-def test_hpa_owns_the_replica_count_and_labels_match(deployment):
-    assert "replicas" not in deployment["spec"]
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+def test_hpa_owns_the_replica_count_and_labels_match():
+    assert "replicas" not in DEPLOYMENT["spec"]
+    labels = DEPLOYMENT["spec"]["template"]["metadata"]["labels"]
+    assert DEPLOYMENT["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert cm.manifest("service.yaml")["spec"]["selector"].items() <= labels.items()
     assert {f"app.kubernetes.io/{k}" for k in ("name", "instance", "component", "part-of")} <= labels.keys()
     hpa = cm.manifest("hpa.yaml")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == DEPLOYMENT["metadata"]["name"]
 
 
-def test_image_is_a_placeholder_without_account_id(container):
-    image = container["image"]
+def test_image_is_a_placeholder_without_account_id():
+    image = CONTAINER["image"]
     assert image.startswith("ACCOUNT_ID.dkr.ecr.eu-west-2.amazonaws.com/my-math-service:")
-    assert not image.endswith((":latest", ":")) and container["imagePullPolicy"] == "IfNotPresent"
+    assert not image.endswith((":latest", ":")) and CONTAINER["imagePullPolicy"] == "IfNotPresent"
     # No account id anywhere in the repository: tests/test_readme.py::test_no_real_account_id_anywhere
 
 
@@ -332,10 +291,10 @@ def test_t3_large_allocatable():
     assert cm.T3_LARGE.allocatable_cpu_m == 1930  # EKS AMI's kube-reserved: 70m of 2 vCPU
 
 
-def test_max_replicas_fit_on_min_nodes(cluster, deployment, kit):
-    hpa, work = kit
-    surge = deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
-    nodes = cluster["managedNodeGroups"][0]["minSize"]
+def test_max_replicas_fit_on_min_nodes():
+    hpa, work = HPA, WORK
+    surge = DEPLOYMENT["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    nodes = CLUSTER["managedNodeGroups"][0]["minSize"]
     # Worst placement of coredns and metrics-server, a rollout's extra pod included.
     assert cm.app_pods_that_fit(work.requests, nodes) >= hpa.max_replicas + surge
 
@@ -345,10 +304,10 @@ def test_original_requests_leave_pods_pending():
     assert cm.app_pods_that_fit(cm.Pod("original", 1000, 2048), nodes=2) == 2
 
 
-def test_memory_sized_from_measurements(container, kit):
-    hpa, work = kit
+def test_memory_sized_from_measurements():
+    hpa, work = HPA, WORK
     m = work.measured
-    limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+    limits, requests = CONTAINER["resources"]["limits"], CONTAINER["resources"]["requests"]
     peak_10000 = m.idle_rss_mib + 10_000 * m.rss_mib_per_in_flight
     assert cm.memory_mib(limits["memory"]) >= 1.2 * peak_10000
     # The whole 5,000-user swarm in flight on one pod (before any scale-out) stays under the limit.
@@ -358,13 +317,13 @@ def test_memory_sized_from_measurements(container, kit):
     assert cm.memory_mib(requests["memory"]) >= 1.2 * work.pod_rss_mib(share)
 
 
-def test_max_in_flight_fits_the_memory_limit(container):
+def test_max_in_flight_fits_the_memory_limit():
     """Idle + cap x bytes per request in flight (measured by tests/overload_benchmark.py with the
     real image) stays within 80 % of the memory limit, for deployment.yaml's cap and the default."""
     overload = json.loads(cm.MEASURED.read_text())["overload"]
     idle_mib = max(overload["idle_ws_mib"], overload["intercept_mib"])
-    limit_mib = cm.memory_mib(container["resources"]["limits"]["memory"])
-    env = {e["name"]: e["value"] for e in container["env"]}
+    limit_mib = cm.memory_mib(CONTAINER["resources"]["limits"]["memory"])
+    env = {e["name"]: e["value"] for e in CONTAINER["env"]}
     for cap in (int(env["MAX_IN_FLIGHT"]), cm.service_default("max_in_flight")):
         assert idle_mib + cap * overload["bytes_per_in_flight"] / 2**20 <= 0.8 * limit_mib
     # The benchmark ran this limit, and every step of it stayed within 85 % of it. Every burst up
@@ -411,8 +370,8 @@ def test_model_follows_the_documented_algorithm():
     assert cm.desired_for_metric(_pods(1.2), 30, "cpu", 20, 100, 1) == (1, 2)
 
 
-def test_model_stabilises_scale_down(kit):
-    hpa, work = kit
+def test_model_stabilises_scale_down():
+    hpa, work = HPA, WORK
     idle = cm.simulate(hpa, work, lambda t: 0, 300, start_replicas=3)
     first_down = next(k.t for k in idle if k.replicas < 3)
     # The first sync records the current count; lower ones wait out the window.
@@ -452,13 +411,13 @@ def test_demo_swarm_lands_mid_range(autoscaler, cpu_factor):
     assert 2 <= max(k.replicas for k in during) <= hpa.max_replicas - 2
 
 
-def test_model_cpu_is_what_the_metrics_api_read(kit):
+def test_model_cpu_is_what_the_metrics_api_read():
     """The model's CPU (the container's cgroup, tests/tools/demo_rate_benchmark.py) against each
     pod's CPU from the metrics API in the recorded demo (docs/demo-measured.json), at that pod's
     own request rate over the same window."""
     import demo_recorder
 
-    _, work = kit
+    work = WORK
     timeline = json.loads((cm.DOCS / "demo-measured.json").read_text())
     busy = [(rate, cpu) for rate, cpu in demo_recorder.cpu_points(timeline) if rate >= 10]
     assert len(busy) >= 20
@@ -472,8 +431,8 @@ def _with_idle(work, idle_cpu_m: float):
 
 # tolerated-idle: the busiest idle pod hpa.yaml and the README say the target still tolerates.
 @pytest.mark.parametrize("idle", ["measured", "tolerated-idle"])
-def test_back_to_one_pod_within_minutes_of_the_swarm_stopping(kit, idle):
-    hpa, work = kit
+def test_back_to_one_pod_within_minutes_of_the_swarm_stopping(idle):
+    hpa, work = HPA, WORK
     if idle == "tolerated-idle":
         work = _with_idle(work, cm.idle_cpu_tolerated_m(hpa, work))
     for users in (cm.DEMO_USERS, 5_000):
@@ -487,8 +446,8 @@ def test_back_to_one_pod_within_minutes_of_the_swarm_stopping(kit, idle):
         assert all(k.replicas == hpa.min_replicas for k in after if k.t >= during[-1].t + back)
 
 
-def test_idle_tolerance_is_the_highest_one(kit):
-    hpa, work = kit
+def test_idle_tolerance_is_the_highest_one():
+    hpa, work = HPA, WORK
     # Idle pods are told apart from load with a wide margin.
     assert cm.idle_cpu_tolerated_m(hpa, work) > 5 * work.measured.idle_cpu_m
     # A little busier than the tolerance, and the HPA never gets back to 1: 2 pods for ever.
@@ -497,8 +456,8 @@ def test_idle_tolerance_is_the_highest_one(kit):
     assert min(k.replicas for k in after) == 2
 
 
-def test_scale_down_range_is_the_tables(kit):
-    hpa, work = kit
+def test_scale_down_range_is_the_tables():
+    hpa, work = HPA, WORK
     low, high = cm.back_to_min_range_s(hpa, work)
     # One 60 s window when the first idle reading already asks for 1 pod: from maxReplicas idle
     # pods read a few percent, and ceil(10 x 5 / 60) = 1. Within the 15 s syncs and scrapes
@@ -506,14 +465,14 @@ def test_scale_down_range_is_the_tables(kit):
     assert hpa.down.window_s <= low <= high < hpa.down.window_s + 2 * cm.SYNC_PERIOD_S
 
 
-def test_small_swarm_and_idle_never_scale(kit):
-    hpa, work = kit
+def test_small_swarm_and_idle_never_scale():
+    hpa, work = HPA, WORK
     during, after = _timeline(hpa, work, 50)
     assert {k.replicas for k in during + after} == {1}
 
 
-def test_5000_users_cap_at_max_replicas_all_running(kit):
-    hpa, work = kit
+def test_5000_users_cap_at_max_replicas_all_running():
+    hpa, work = HPA, WORK
     during, _ = _timeline(hpa, work, 5_000)
     assert max(k.replicas for k in during) == hpa.max_replicas
     assert during[-1].replicas == during[-1].ready == hpa.max_replicas  # none Pending
@@ -533,10 +492,10 @@ def test_original_kit_is_pinned_with_pending_pods():
 # --- The rollout benchmark replays deployment.yaml's pod termination ---------------------------
 
 
-def test_rollout_benchmark_follows_the_manifests_termination(deployment, tmp_path) -> None:
+def test_rollout_benchmark_follows_the_manifests_termination(tmp_path) -> None:
     from rollout_benchmark import termination_sequence
 
-    changed = json.loads(json.dumps(deployment))
+    changed = json.loads(json.dumps(DEPLOYMENT))
     changed["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 45
     cm.app_container(changed)["lifecycle"]["preStop"]["sleep"]["seconds"] = 7
     assert termination_sequence(changed) == (7, 45)

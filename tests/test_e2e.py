@@ -19,11 +19,8 @@ a fresh namespace that Pod Security admission holds to `restricted`, deleted at 
   E2E_DIAGNOSTICS          a file for the HPA, pods, events and logs, written before the
                            namespace goes (CI shows it when a test failed)
 Without a cluster that answers, or without E2E_IMAGE, the module skips with one line; without
-KEDA and Prometheus in the cluster, the in-flight demo does.
-
-The README's demo as docs/demo-measured*.json were recorded (docs/performance.md):
-    E2E_IMAGE=... E2E_DEMO_SECONDS=300 E2E_DEMO_OUT=docs/demo-measured.json uv run \
-        --with-requirements service.py --with-requirements tests/requirements.txt pytest tests/test_e2e.py
+KEDA and Prometheus in the cluster, the in-flight demo does. How docs/'s recorded demos were made:
+tests/tools/README.md.
 """
 
 import json
@@ -36,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -46,7 +43,7 @@ import yaml
 import cluster_model as cm
 import demo_recorder as rec
 import swarm
-from helpers import ROOT, note_source
+from helpers import ROOT, healthy, note_source, wait_for
 
 DEPLOYMENT = "deployment/math-service-deployment"
 SERVICE = "math-service-service"
@@ -71,7 +68,6 @@ class Cluster:
     namespace: str
     image: str
     url: str  # the Service as a client outside the cluster reaches it
-    where: dict = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +102,7 @@ def cluster(pytestconfig: pytest.Config, tmp_path_factory) -> Iterator[Cluster]:
                                 text=True, timeout=300, env={**os.environ, "IMAGE": image})
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr + describe()
         kubectl("rollout", "status", DEPLOYMENT, "--timeout=120s", timeout=130)
-        yield Cluster(namespace, image, service_url(), where)
+        yield Cluster(namespace, image, service_url())
     finally:
         if diagnostics := os.environ.get("E2E_DIAGNOSTICS"):
             Path(diagnostics).write_text(describe(limit=None) + kubectl(
@@ -158,14 +154,9 @@ def test_restricted_namespace_admits_the_pods_and_rejects_a_privileged_one(clust
 
 
 def test_readme_curl_and_the_probes_through_the_service(cluster: Cluster) -> None:
-    deadline = time.monotonic() + 60
-    while True:  # kube-proxy (or the load balancer) may take a moment to send traffic
-        try:
-            answer = httpx.post(cluster.url + "/", json={"a": 10, "b": 5}, timeout=15)
-            break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline, f"nothing answers at {cluster.url}"
-            time.sleep(1)
+    # kube-proxy (or the load balancer) may take a moment to send traffic.
+    wait_for(lambda: healthy(cluster.url), f"something answers at {cluster.url}", 60)
+    answer = httpx.post(cluster.url + "/", json={"a": 10, "b": 5}, timeout=15)
     assert (answer.status_code, answer.json()) == (200, {"result": 15.0})
     assert answer.elapsed.total_seconds() >= 4.9  # DELAY_SECONDS, 5 s as deployed
     for path, body in (("/healthz", {"status": "ok"}), ("/readyz", {"status": "ready"})):
@@ -173,8 +164,7 @@ def test_readme_curl_and_the_probes_through_the_service(cluster: Cluster) -> Non
         assert (got.status_code, got.json()) == (200, body)
     # The metrics are not on the public port; Prometheus finds them on the pod's own.
     assert httpx.get(cluster.url + "/metrics", timeout=10).status_code == 404
-    pods = json.loads(kubectl("get", "pods", "-l", "app=math-service", "-o", "json").stdout)["items"]
-    counted = [rec.pod_counters(cluster.namespace, pod)[0] for pod in pods]
+    counted = [rec.pod_counters(cluster.namespace, pod)[0] for pod in pods_now().values()]
     assert sum(counted) >= 3, counted  # the POST and two GETs, at least
 
 
@@ -227,7 +217,8 @@ class PodWatch:
 
 
 def pods_now() -> dict[str, dict]:
-    return {p["metadata"]["name"]: p for p in json.loads(kubectl("get", "pods", "-l", "app=math-service", "-o", "json").stdout)["items"]}
+    pods = json.loads(kubectl("get", "pods", "-l", "app=math-service", "-o", "json").stdout)["items"]
+    return {p["metadata"]["name"]: p for p in pods}
 
 
 def test_rolling_restarts_under_a_swarm_lose_nothing_and_exit_0(cluster: Cluster, tmp_path: Path) -> None:

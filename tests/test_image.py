@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 import cluster_model as cm
-from helpers import ROOT, note_source, uvx, wait_for
+from helpers import ROOT, healthy, note_source, uvx, wait_for
 
 DOCKERFILE = ROOT / "Dockerfile"
 BASE = "docker.io/library/python:3.11-slim"
@@ -63,10 +63,7 @@ def hadolint(dockerfile: Path) -> subprocess.CompletedProcess:
 
 
 def checkov(dockerfile: Path) -> dict:
-    proc = uvx(
-        "checkov", "--skip-download", "--framework", "dockerfile", "-f", str(dockerfile),
-        "--output", "json", "--quiet",
-    )
+    proc = uvx("checkov", "--skip-download", "--framework", "dockerfile", "-f", str(dockerfile), "--output", "json", "--quiet")
     assert proc.stdout.strip(), proc.stderr
     report = json.loads(proc.stdout)
     # One file gives one report; a file with no failed check and --quiet may give just a summary.
@@ -102,16 +99,11 @@ def test_lock_has_a_wheel_of_every_package_for_both_platforms(arch: str) -> None
     """The image installs with --no-build, so a buildx build for linux/amd64 and linux/arm64
     needs a CPython 3.11 manylinux (or pure-Python) wheel of every locked package for both CPUs."""
     lock = tomllib.loads((ROOT / "service.py.lock").read_text())
-    missing = []
-    for package in lock["package"]:
-        wheels = [w["url"].rsplit("/", 1)[1] for w in package.get("wheels", [])]
-        if not any(
-            name.endswith("-none-any.whl")
-            or (re.search(r"-(cp311-cp311|cp3\d+-abi3)-", name) and "manylinux" in name
-                and name.endswith(f"_{arch}.whl"))
-            for name in wheels
-        ):
-            missing.append(package["name"])
+    def fits(wheel: str) -> bool:
+        return wheel.endswith("-none-any.whl") or bool(re.search(r"-(cp311-cp311|cp3\d+-abi3)-", wheel)
+                                                       and "manylinux" in wheel and wheel.endswith(f"_{arch}.whl"))
+
+    missing = [p["name"] for p in lock["package"] if not any(fits(w["url"].rsplit("/", 1)[1]) for w in p.get("wheels", []))]
     assert missing == []
 
 
@@ -124,12 +116,8 @@ class Engine:
 
     command: str
 
-    def __call__(
-        self, *args: str, check: bool = True, timeout: float = 60
-    ) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [self.command, *args], capture_output=True, text=True, timeout=timeout, check=check
-        )
+    def __call__(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([self.command, *args], capture_output=True, text=True, timeout=timeout, check=check)
 
     @cached_property
     def version(self) -> str:
@@ -160,12 +148,8 @@ def find_engine() -> str | None:
     project's CI machine has one)."""
     if chosen := os.environ.get("CONTAINER_ENGINE"):
         return chosen
-    for command in ("docker", "podman"):
-        if shutil.which(command) and subprocess.run(
-            [command, "info"], capture_output=True, timeout=60
-        ).returncode == 0:
-            return command
-    return None
+    return next((command for command in ("docker", "podman") if shutil.which(command)
+                 and subprocess.run([command, "info"], capture_output=True, timeout=60).returncode == 0), None)
 
 
 @pytest.fixture(scope="module")
@@ -272,14 +256,10 @@ fi"""
 
 
 def memory_bytes(engine: Engine, container: str) -> tuple[int, int]:
-    """The container's (working set, anonymous memory), read inside it from its cgroup, v2 or v1:
-    the same files serve both engines, on Linux or in Docker Desktop's VM.
-
-    The working set is what the kubelet counts (and evicts on): usage less the page cache it can
-    drop at once (inactive files). It also holds the image's files in the page cache when this
-    container was the first to read them, which varies between runs and hosts (57 to 64 MB
-    measured here at the same 38 MB of process memory). The anonymous memory is the process's
-    own (its RSS without the files it maps): what the idle target is about."""
+    """The container's (working set, anonymous memory), read inside it from its cgroup, v2 or v1.
+    The working set is what the kubelet counts: usage less the page cache it can drop at once,
+    which still holds the image's files this container read first. The anonymous memory is the
+    process's own, without the files it maps: what the idle target is about."""
     lines = engine("exec", container, "sh", "-c", MEMORY_FILES).stdout.splitlines()
     stat = dict(line.split() for line in lines[1:])
     usage, inactive = int(lines[0]), int(stat.get("inactive_file", stat.get("total_inactive_file")))
@@ -300,9 +280,7 @@ def test_build_context_holds_only_what_the_image_needs(engine: Engine, tmp_path:
     iid = tmp_path / "iid"
     engine("build", "--iidfile", str(iid), "-f", str(probe), str(ROOT), timeout=300)
     try:
-        files = engine(
-            "run", "--rm", "--network", "none", iid.read_text(), "find", "/context", "-type", "f"
-        ).stdout.split()
+        files = engine("run", "--rm", "--network", "none", iid.read_text(), "find", "/context", "-type", "f").stdout.split()
     finally:
         engine("rmi", "-f", iid.read_text(), check=False)
     assert sorted(files) == ["/context/service.py", "/context/service.py.lock"]
@@ -316,18 +294,9 @@ def test_sigterm_drains_the_request_in_flight_and_exits_0(engine: Engine, image:
     ).stdout.strip()
     try:
         url, metrics = ("http://" + engine("port", name, f"{port}/tcp").stdout.split()[0] for port in (8000, 9000))
-
-        def healthy() -> bool:
-            try:
-                return httpx.get(url + "/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(healthy, f"/healthz answers: {engine('logs', name, check=False).stdout}")
+        wait_for(lambda: healthy(url), f"/healthz answers: {engine('logs', name, check=False).stdout}")
         answers: list[httpx.Response] = []
-        client = threading.Thread(
-            target=lambda: answers.append(httpx.post(url, json={"a": 10, "b": 5}, timeout=15))
-        )
+        client = threading.Thread(target=lambda: answers.append(httpx.post(url, json={"a": 10, "b": 5}, timeout=15)))
         client.start()
         wait_for(lambda: "http_requests_in_flight 1.0" in httpx.get(metrics + "/metrics").text, "the POST in flight")
 

@@ -216,12 +216,6 @@ def test_healthz_is_never_delayed(svc: Service) -> None:
     asyncio.run(main())
 
 
-def test_readyz_is_200_while_serving(svc: Service) -> None:
-    response = httpx.get(svc.url + "/readyz")
-    assert response.status_code == 200
-    assert response.json() == {"status": "ready"}
-
-
 def test_metrics_count_requests_by_route_and_status(tmp_path) -> None:
     with run_service(tmp_path, DELAY_SECONDS="0") as s:
         for _ in range(3):

@@ -4,14 +4,15 @@
 # ///
 """The cluster kit as a model: where the scheduler can put the pods, and what the HPA does.
 
-    python tests/cluster_model.py    # prints README.md's capacity table (or: uv run tests/cluster_model.py)
-                                     # and redraws docs/demo-timeline.svg and docs/capacity.svg
+    uv run tests/tools/cluster_model.py    # prints README.md's capacity table
 
 No cluster is reachable from here, so the claims the README makes about EKS are computed: EKS's
 node-allocatable formula and the system pods' requests for the scheduler, the HPA controller's
-algorithm (kubernetes/kubernetes pkg/controller/podautoscaler) for the autoscaler. Its inputs are
-the manifests in the repository, service.py's DELAY_SECONDS default, and what the running service
-was measured to cost (tests/measured.json), so the numbers follow when any of them changes.
+algorithm (kubernetes/kubernetes pkg/controller/podautoscaler) for the autoscaler, on CPU
+(hpa.yaml) or on requests in flight (keda-scaledobject.yaml). Its inputs are the manifests in the
+repository, service.py's DELAY_SECONDS default, and what the running service was measured to cost
+(tests/tools/measured.json), so the numbers follow when any of them changes. tests/tools/figures.py
+writes its figures and charts into the docs.
 """
 
 from __future__ import annotations
@@ -78,12 +79,12 @@ def service_default(name: str) -> float:
 
 @dataclass(frozen=True)
 class Measured:
-    """What one pod costs, from tests/measured.json.
+    """What one pod costs, from tests/tools/measured.json.
 
     CPU is the container's, as the kubelet counts it and the HPA reads it, under the project's
-    locustfile at a pod's share of a demo swarm ("demo_rate", tests/demo_rate_benchmark.py): a
+    locustfile at a pod's share of a demo swarm ("demo_rate", tests/tools/demo_rate_benchmark.py): a
     request there wakes the event loop almost on its own, and costs several times what it does
-    at saturation ("service"'s cpu_us_per_request, tests/benchmark.py's comparison against the
+    at saturation ("service"'s cpu_us_per_request, tests/tools/benchmark.py's comparison against the
     floor, which the model does not use). Memory is the service process's ("service").
     """
 

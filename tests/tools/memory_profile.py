@@ -45,6 +45,7 @@ def dump(*_):
 signal.signal(signal.SIGUSR1, dump)
 signal.signal(signal.SIGUSR2, tasks)
 sys.argv = [app]
+sys.path.insert(0, os.path.dirname(app))  # as `python app.py` has it
 runpy.run_path(app, run_name="__main__")
 """
 
