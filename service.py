@@ -454,8 +454,8 @@ if __name__ == "__main__":
         # the middleware would only add a coroutine frame to every request in flight.
         proxy_headers=False,
         server_header=False,
-        # A burst of new connections waits here; uvicorn's 2048 makes one of 5,000 wait for SYN
-        # retries (the kernel caps it at net.core.somaxconn).
+        # A burst of new connections waits here, up to the kernel's net.core.somaxconn
+        # (docs/operations.md, "Starting it").
         backlog=4096,
     )
     Server(config).run()

@@ -164,7 +164,7 @@ def test_readme_curl_and_the_probes_through_the_service(cluster: Cluster) -> Non
         assert (got.status_code, got.json()) == (200, body)
     # The metrics are not on the public port; Prometheus finds them on the pod's own.
     assert httpx.get(cluster.url + "/metrics", timeout=10).status_code == 404
-    counted = [rec.pod_counters(cluster.namespace, pod)[0] for pod in pods_now().values()]
+    counted = [(rec.pod_counters(cluster.namespace, pod) or (0, 0))[0] for pod in pods_now().values()]
     assert sum(counted) >= 3, counted  # the POST and two GETs, at least
 
 
@@ -228,7 +228,7 @@ def test_rolling_restarts_under_a_swarm_lose_nothing_and_exit_0(cluster: Cluster
                               stdout=subprocess.DEVNULL, stderr=(tmp_path / "locust.log").open("w"))
     try:
         deadline = time.monotonic() + 30  # every user's connection is open once most requests count
-        while sum(rec.pod_counters(cluster.namespace, p)[1] for p in pods_now().values()) < ROLLOUT_USERS / 2:
+        while sum((rec.pod_counters(cluster.namespace, p) or (0, 0))[1] for p in pods_now().values()) < ROLLOUT_USERS / 2:
             assert time.monotonic() < deadline, "the swarm never got going"
             time.sleep(1)
         before = set(pods_now())

@@ -561,9 +561,9 @@ def back_to_min_range_s(hpa: HPA, work: Workload, users: tuple[int, ...] = TABLE
 SPAWN_RATE = 10  # users per second, as the README suggests in locust's start form
 
 
-def swarm(users: int, stop_at: float = math.inf) -> Callable[[float], float]:
-    """Locust ramping up at SPAWN_RATE, then all users stopped at `stop_at`."""
-    return lambda t: 0 if t >= stop_at else min(users, SPAWN_RATE * t)
+def swarm(users: int, stop_at: float = math.inf, spawn_rate: float = SPAWN_RATE) -> Callable[[float], float]:
+    """Locust ramping up at spawn_rate users a second, then all users stopped at `stop_at`."""
+    return lambda t: 0 if t >= stop_at else min(users, spawn_rate * t)
 
 
 # The two autoscalers of the kit: hpa.yaml on CPU, or keda-scaledobject.yaml on requests in flight.

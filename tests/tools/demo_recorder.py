@@ -126,11 +126,14 @@ def metrics_port(pod: dict) -> int:
     return next(p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", []) if p.get("name") == "metrics")
 
 
-def pod_counters(namespace: str, pod: dict) -> tuple[float, float]:
+def pod_counters(namespace: str, pod: dict) -> tuple[float, float] | None:
     """A pod's requests answered so far and requests in flight, from its own /metrics, through
-    the API server."""
+    the API server; None from a pod that is starting or going."""
     path = f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}:{metrics_port(pod)}/proxy/metrics"
-    text = kubectl("get", "--raw", path)
+    try:
+        text = kubectl("get", "--raw", path)
+    except subprocess.CalledProcessError:
+        return None
     values = [line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#")]
     answered = sum(float(v) for k, v in values if k.startswith("http_requests_total{"))
     return answered, next(float(v) for k, v in values if k == "http_requests_in_flight")
@@ -151,7 +154,7 @@ def sample(namespace: str, hpa_name: str, start_wall: float) -> dict:
                                f"labelSelector={urllib.parse.quote(SELECTOR)}"))["items"]
     with ThreadPoolExecutor(8) as pool:
         counters = dict(zip(running, pool.map(lambda pod: pod_counters(namespace, pod), running.values())))
-    readings = {name: {"requests": c[0], "in_flight": c[1]} for name, c in counters.items()}
+    readings = {name: {"requests": c[0], "in_flight": c[1]} for name, c in counters.items() if c}
     for m in usage:
         if m["metadata"]["name"] in readings:
             end = datetime.datetime.fromisoformat(m["timestamp"]).timestamp() - start_wall
@@ -288,7 +291,7 @@ def model_ticks(timeline: dict, measured: cm.Measured | None = None) -> list[cm.
     """The model's run of the same swarm, from t = 0."""
     hpa, work = kit(timeline, measured)
     scenario = Scenario(**timeline["scenario"])
-    users = cm.swarm(scenario.users, stop_at=scenario.run_s)
+    users = cm.swarm(scenario.users, scenario.run_s, scenario.spawn_rate)
     end = max(s["t"] for s in timeline["samples"])
     start = cm.Tick(0, users(0), hpa.min_replicas, hpa.min_replicas, {})
     return [start, *cm.simulate(hpa, work, users, int(end), hpa.min_replicas)]
@@ -348,7 +351,7 @@ def measured_chart(timeline: dict) -> Figure:
     t = [s["t"] for s in samples]
     found = steps(timeline)
     end = max(t)
-    users = cm.swarm(scenario.users, stop_at=scenario.run_s)
+    users = cm.swarm(scenario.users, scenario.run_s, scenario.spawn_rate)
     request_m = cm.repo_kit()[1].requests.cpu_m
 
     fig = Figure(figsize=(10, 8.5))

@@ -265,8 +265,9 @@ def demo_caption(t: dict, name: str) -> str:
     on = "CPU (`hpa.yaml`)" if a["kind"] == "cpu" else "requests in flight (`keda-scaledobject.yaml`)"
     text = (f"*The demo swarm scaled on {on}, measured {t['date']} on a single-node Kubernetes {w['kubernetes']} "
             f"lab with {w['cores']:g} cores (never on EKS): {rec.describe(found)}; {t['locust']['requests']:,} "
-            f"requests, {t['locust']['failures']} failures. Dashed, the model with `tests/tools/measured.json`'s "
-            f"CPU per request (the README's prediction): {rec.describe(model)}.")
+            f"requests, {t['locust']['failures']} failures. Dashed, the model")
+    text += (f" with `tests/tools/measured.json`'s CPU per request, the README's prediction: {rec.describe(model)}."
+             if a["kind"] == "cpu" else f": {rec.describe(model)}.")
     if a["kind"] == "cpu":
         own = rec.calibrated(t)
         factor = own.cpu_curve[-1][1] / cm.Measured.load().cpu_curve[-1][1]
