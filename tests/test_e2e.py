@@ -258,7 +258,7 @@ def test_rolling_restarts_under_a_swarm_lose_nothing_and_exit_0(cluster: Cluster
 # --- The demo swarm, on each autoscaler -------------------------------------------------------
 
 
-def demo(cluster: Cluster, tmp_path: Path, suffix: str = "") -> dict:
+def demo(cluster: Cluster, tmp_path: Path, config: pytest.Config, suffix: str = "") -> dict:
     """The demo swarm recorded: by default until the replica count has held HOLD_S, so that the
     spread after the last scale-out is seen whatever the machine's speed."""
     fixed = os.environ.get("E2E_DEMO_SECONDS")
@@ -270,7 +270,7 @@ def demo(cluster: Cluster, tmp_path: Path, suffix: str = "") -> dict:
     timeline = rec.record(cluster.url, scenario, cluster.namespace, log=lambda _: None)
     out = Path(os.environ.get("E2E_DEMO_OUT") or tmp_path / "demo.json")
     rec.save(timeline, out.with_name(out.stem + suffix + out.suffix))
-    print(f"\n{rec.summary(timeline)}")
+    note_source(config, f"demo on {timeline['autoscaler']['kind']}", "\n" + rec.summary(timeline))
     return timeline
 
 
@@ -300,10 +300,10 @@ def judge(timeline: dict, measured: cm.Measured | None = None) -> None:
     assert max(spread) <= 1.5, f"busiest/least busy pod from {last_out + 60} s: {spread}" + context
 
 
-def test_demo_swarm_on_cpu_scales_out_and_back_with_no_failure(cluster: Cluster, tmp_path: Path) -> None:
+def test_demo_swarm_on_cpu_scales_out_and_back_with_no_failure(cluster: Cluster, tmp_path: Path, pytestconfig) -> None:
     """hpa.yaml, judged against the model with this run's own CPU per request: the HPA acts on
     CPU, which differs from machine to machine."""
-    timeline = demo(cluster, tmp_path)
+    timeline = demo(cluster, tmp_path, pytestconfig)
     judge(timeline, rec.calibrated(timeline))
 
 
@@ -315,7 +315,8 @@ def prometheus_url() -> str | None:
                  if s["metadata"]["name"] in ("prometheus", "prometheus-server")), None)
 
 
-def test_demo_swarm_on_requests_in_flight_scales_out_and_back_with_no_failure(cluster: Cluster, tmp_path: Path) -> None:
+def test_demo_swarm_on_requests_in_flight_scales_out_and_back_with_no_failure(cluster: Cluster, tmp_path: Path,
+                                                                            pytestconfig) -> None:
     """keda-scaledobject.yaml in place of hpa.yaml (never both), judged against the model as it
     is: requests in flight do not depend on the machine."""
     server = prometheus_url()
@@ -327,7 +328,7 @@ def test_demo_swarm_on_requests_in_flight_scales_out_and_back_with_no_failure(cl
     try:
         kubectl("apply", "-f", "-", input=yaml.safe_dump(scaled))
         kubectl("wait", "scaledobject/math-service", "--for=condition=Ready", "--timeout=120s", timeout=130)
-        judge(demo(cluster, tmp_path, "-keda"))
+        judge(demo(cluster, tmp_path, pytestconfig, "-keda"))
     finally:
         kubectl("delete", "scaledobject", "math-service", "--ignore-not-found", check=False)
         kubectl("apply", "-f", str(ROOT / "hpa.yaml"), check=False)

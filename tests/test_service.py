@@ -49,7 +49,7 @@ def test_every_way_of_starting_it_serves_the_same_service(tmp_path, runner: str)
     async def main(s: Service) -> tuple[httpx.Response, int, bytes]:
         head = (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 10737418240\r\n\r\n")
-        status, _, body = await exchange(await connect(s.url), head)  # 10 GiB declared, none sent
+        status, _, body = await asyncio.wait_for(exchange(await connect(s.url), head), 10)  # 10 GiB declared, none sent
         async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
             held = [asyncio.create_task(client.post("/", json=README_CURL)) for _ in range(2)]
             await in_flight(s, 2)
@@ -173,7 +173,7 @@ def test_oversized_body_is_413_json_without_reading_it(tmp_path) -> None:
         head = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 10737418240\r\n\r\n")
         start = time.perf_counter()
-        status, _, body = await exchange(await connect(s.url), head + b" " * 2048)
+        status, _, body = await asyncio.wait_for(exchange(await connect(s.url), head + b" " * 2048), 10)
         return status, body, time.perf_counter() - start
 
     with run_service(tmp_path, MAX_BODY_BYTES="1000") as s:
