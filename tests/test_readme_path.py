@@ -23,6 +23,7 @@ from helpers import ROOT, uvx
 README = (ROOT / "README.md").read_text()
 DEFAULT_REGION = "eu-west-2"
 ACCOUNT = "4321" * 3  # what the stub's `aws sts get-caller-identity` answers
+PROFILE = "demo-operator"  # the first shell's AWS_PROFILE: every later shell must use it too
 ELB = "a0123456789abcdef0123456789abcde-1234567890.{region}.elb.amazonaws.com"
 FILES = ("cluster-config.yaml", "deployment.yaml", "service.yaml", "hpa.yaml", "keda-scaledobject.yaml", "locustfile.py")
 
@@ -63,6 +64,7 @@ STUB_HEAD = """#!/usr/bin/env bash
 set -euo pipefail
 state={state}
 call=$(printf '%q ' {name} "$@"); echo "$call" >> "$state/calls"; n=$(wc -l < "$state/calls")
+echo "${{AWS_PROFILE:-none}}" >> "$state/profiles"
 region() {{ sed -n 's/^  region: //p' "$state/cluster.yaml"; }}
 """
 
@@ -168,7 +170,7 @@ def run_path(blocks: list[str], region: str, new_shell: bool, tmp: Path, shell: 
         created |= "eksctl create cluster" in block
     results = []
     for part in parts:
-        results.append(run(shell, part + "\n", work, env))
+        results.append(run(shell, part + "\n", work, env if results else {**env, "AWS_PROFILE": PROFILE}))
         if results[-1].returncode and shell == "bash":
             break
     calls = [shlex.split(line) for line in (state / "calls").read_text().splitlines() if line] if (state / "calls").exists() else []
@@ -232,6 +234,7 @@ def check_path(run: dict, region: str, shell: str) -> None:
     assert any(c[:3] == ["uv", "run", "locustfile.py"] and f"http://{elb}" in c for c in run["calls"]), "no swarm"
     deleted = [c for c in run["calls"] if c[:3] == ["eksctl", "delete", "cluster"]]
     assert deleted and all(c[c.index("--region") + 1] == region for c in deleted), deleted
+    assert set((run["state"] / "profiles").read_text().split()) == {PROFILE}, "a command ran without AWS_PROFILE"
     # Last, the run as a whole: no unset variable, no failing command (bash), no word zsh misread.
     if shell == "bash":
         assert all(r.returncode == 0 for r in run["results"]), log
