@@ -226,7 +226,7 @@ def sizing(m: dict) -> str:
     limit = o["memory_limit_mib"]
     total = idle + cap * per / 2**20
     top = max(o["steps"], key=lambda s: s["peak_ws_mib"])
-    return (f"Idle {idle:g} MiB (at most) + {cap:,} × {per:,} B per request in flight = {total:.0f} MiB, within "
+    return (f"Idle working set {idle:g} MiB (at most) + {cap:,} × {per:,} B per request in flight = {total:.0f} MiB, within "
             f"80 % of the {limit:g} MiB limit ({0.8 * limit:.0f} MiB allows {(0.8 * limit - idle) * 2**20 / per:,.0f}); "
             f"the limit itself holds about {o['holds_in_flight']:,}. The highest working set measured was "
             f"{top['peak_ws_mib']:.0f} MiB ({top['peak_ws_share']:.0%}), at {top['requests']:,} at once "
