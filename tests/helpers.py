@@ -43,8 +43,7 @@ def uvx(tool: str, *args: str, helpers: tuple[str, ...] = (), timeout: float = 6
     """Run a pinned tool through uvx, with the pinned tools it calls on its PATH; text output."""
     also = [arg for helper in helpers for arg in ("--with", TOOLS[helper])]
     return subprocess.run(["uvx", "--quiet", "--from", TOOLS[tool], *also, tool, *args],
-                          capture_output=True, text=True, timeout=timeout,
-                          cwd=kwargs.pop("cwd", ROOT), **kwargs)
+                          capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)
 
 
 def locust(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:

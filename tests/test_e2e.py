@@ -106,8 +106,7 @@ def cluster(pytestconfig: pytest.Config, tmp_path_factory) -> Iterator[Cluster]:
     finally:
         if diagnostics := os.environ.get("E2E_DIAGNOSTICS"):
             Path(diagnostics).write_text(describe(limit=None) + kubectl(
-                "logs", "-l", "app=math-service", "--all-containers", "--prefix", "--tail=200",
-                check=False).stdout)
+                "logs", "-l", "app=math-service", "--all-containers", "--prefix", "--tail=200", check=False).stdout)
         kubectl("delete", "namespace", namespace, "--timeout=180s", timeout=200, check=False)
         if saved is None:
             del os.environ["KUBECONFIG"]
@@ -170,8 +169,7 @@ def test_readme_curl_and_the_probes_through_the_service(cluster: Cluster) -> Non
 
 @pytest.mark.parametrize("body", [b'{"a": "10", "b": 5}', b'{"a": 10}', b"not json"])
 def test_bad_input_gets_a_json_4xx_through_the_service(cluster: Cluster, body: bytes) -> None:
-    answer = httpx.post(cluster.url + "/", content=body, timeout=10,
-                        headers={"Content-Type": "application/json"})
+    answer = httpx.post(cluster.url + "/", content=body, timeout=10, headers={"Content-Type": "application/json"})
     assert 400 <= answer.status_code < 500
     assert answer.headers["content-type"].startswith("application/json") and answer.json()["detail"]
 
@@ -184,10 +182,8 @@ class PodWatch:
     pod's last status before the pod object goes, so a watch sees it where a poll may not."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            ["kubectl", "get", "pods", "-l", "app=math-service", "--watch", "-o", "json"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
+        self.proc = subprocess.Popen(["kubectl", "get", "pods", "-l", "app=math-service", "--watch", "-o", "json"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.exits: dict[str, list[int]] = {}  # pod -> exit codes of its terminated containers
         self.deleting: set[str] = set()
         self.thread = threading.Thread(target=self._read, daemon=True)

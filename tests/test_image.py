@@ -224,9 +224,7 @@ def test_starts_and_serves_with_no_network_and_a_read_only_root(engine: Engine, 
     assert (code, json.loads(body)) == (200, {"result": 15.0})
 
 
-def test_runs_as_a_fixed_non_root_uid_with_python_as_pid_1(
-    engine: Engine, locked_down: str
-) -> None:
+def test_runs_as_a_fixed_non_root_uid_with_python_as_pid_1(engine: Engine, locked_down: str) -> None:
     status = engine("exec", locked_down, "cat", "/proc/1/status").stdout
     ids = dict(line.split(":", 1) for line in status.splitlines() if line[:3] in ("Uid", "Gid"))
     assert ids["Uid"].split() == ids["Gid"].split() == ["10001"] * 4  # real, effective, saved, fs

@@ -123,8 +123,7 @@ case "$*" in
 esac
 """,
     "curl": """case "$*" in *install.sh*) echo 'echo installed uv' ;; *) echo '{{"result":15.0}}' ;; esac\n""",
-    "helm": """echo "STATUS: deployed"\n""",
-    "uv": """echo "Aggregated  0 failures"\n""",
+    "helm": """echo "STATUS: deployed"\n""", "uv": """echo "Aggregated  0 failures"\n""",
 }
 
 
@@ -157,7 +156,7 @@ def run_path(blocks: list[str], region: str, new_shell: bool, tmp: Path, shell: 
     blocks = [b.replace(DEFAULT_REGION, region) for b in blocks]  # another region, where the README sets it
     work, state, home = tmp / "repo", tmp / "state", tmp / "home"
     for d in (work, state, home):
-        d.mkdir()
+        d.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         (work / name).write_text((ROOT / name).read_text())
     install_stubs(tmp / "bin", state)
@@ -175,9 +174,7 @@ def run_path(blocks: list[str], region: str, new_shell: bool, tmp: Path, shell: 
             break
     calls = [shlex.split(line) for line in (state / "calls").read_text().splitlines() if line] if (state / "calls").exists() else []
     return {
-        "results": results,
-        "calls": calls,
-        "state": state,
+        "results": results, "calls": calls, "state": state,
         "pushed": (state / "pushed").read_text().split() if (state / "pushed").exists() else [],
         "cluster": yaml.safe_load((state / "cluster.yaml").read_text()) if (state / "cluster.yaml").exists() else None,
     }
@@ -251,12 +248,8 @@ def assert_pasted_cleanly(run: dict) -> None:
     assert errors == [], errors
 
 
-CASES = {
-    "same-shell": (DEFAULT_REGION, False),
-    "us-east-1": ("us-east-1", False),
-    "new-shell": (DEFAULT_REGION, True),
-    "us-east-1-new-shell": ("us-east-1", True),
-}
+CASES = {"same-shell": (DEFAULT_REGION, False), "us-east-1": ("us-east-1", False),
+         "new-shell": (DEFAULT_REGION, True), "us-east-1-new-shell": ("us-east-1", True)}
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -273,6 +266,17 @@ def test_every_bash_block_pastes_into_zsh(tmp_path: Path) -> None:
     """Every block of README.md and docs/, the local ones too, as pasted into zsh one after the other."""
     pages = [README, *(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")) if p.name != "original.md")]
     assert_pasted_cleanly(run_path([b for page in pages for b in bash_blocks(page, ("#",))], DEFAULT_REGION, False, tmp_path, "zsh"))
+
+
+def test_a_block_pasted_alone_into_a_new_terminal_hands_no_tool_an_empty_value(tmp_path: Path) -> None:
+    """Each block on its own, pasted into zsh with nothing set and no .demo.env (a cluster in
+    ~/.kube/config): its guards stop every command that would get an empty region, registry or host."""
+    for i, block in enumerate(bash_blocks(README, ("#",))):
+        for path, text in (("home/.kube/config", "current-context: x\n"), ("state/cluster.yaml", "  region: x\n")):
+            (tmp_path / str(i) / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / str(i) / path).write_text(text)
+        calls = run_path([block], DEFAULT_REGION, False, tmp_path / str(i), "zsh")["calls"]
+        assert [c for c in calls if "" in c or any(re.fullmatch(r"https?://(/.*)?", a) for a in c)] == [], block
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -128,15 +128,11 @@ BAD_BODIES = {
 
 
 @pytest.mark.parametrize("raw, field, words", BAD_BODIES.values(), ids=BAD_BODIES.keys())
-def test_bad_input_is_a_4xx_naming_the_problem_before_the_delay(
-    svc: Service, raw: str, field: str, words: str
-) -> None:
+def test_bad_input_is_a_4xx_naming_the_problem_before_the_delay(svc: Service, raw: str, field: str, words: str) -> None:
     response, elapsed = post(svc.url, content=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == 422
     errors = response.json()["detail"]  # a JSON body, NaN or not in the input
-    assert any(
-        field in map(str, e["loc"]) and words.lower() in e["msg"].lower() for e in errors
-    ), errors
+    assert any(field in map(str, e["loc"]) and words.lower() in e["msg"].lower() for e in errors), errors
     assert elapsed < DELAY / 2
 
 
@@ -153,8 +149,7 @@ def test_unparseable_body_is_a_json_400(svc: Service, raw: bytes) -> None:
 
 
 def test_body_without_json_content_type_is_a_4xx(svc: Service) -> None:
-    response, elapsed = post(svc.url, content=json.dumps(README_CURL),
-                             headers={"Content-Type": "text/plain"})
+    response, elapsed = post(svc.url, content=json.dumps(README_CURL), headers={"Content-Type": "text/plain"})
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body"]
     assert elapsed < DELAY / 2
