@@ -270,13 +270,16 @@ def test_every_bash_block_pastes_into_zsh(tmp_path: Path) -> None:
 
 def test_a_block_pasted_alone_into_a_new_terminal_hands_no_tool_an_empty_value(tmp_path: Path) -> None:
     """Each block on its own, pasted into zsh with nothing set and no .demo.env (a cluster in
-    ~/.kube/config): its guards stop every command that would get an empty region, registry or host."""
+    ~/.kube/config): its guards stop every command that would get an empty region, registry or host, and
+    the first one to stop names the step to run."""
     for i, block in enumerate(bash_blocks(README, ("#",))):
         for path, text in (("home/.kube/config", "current-context: x\n"), ("state/cluster.yaml", "  region: x\n")):
             (tmp_path / str(i) / path).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / str(i) / path).write_text(text)
-        calls = run_path([block], DEFAULT_REGION, False, tmp_path / str(i), "zsh")["calls"]
-        assert [c for c in calls if "" in c or any(re.fullmatch(r"https?://(/.*)?", a) for a in c)] == [], block
+        ran = run_path([block], DEFAULT_REGION, False, tmp_path / str(i), "zsh")
+        assert [c for c in ran["calls"] if "" in c or any(re.fullmatch(r"https?://(/.*)?", a) for a in c)] == [], block
+        guards = re.findall(r"zsh: [A-Z_]+: (.+)", "".join(r.stderr for r in ran["results"]))
+        assert guards[:1] != ["parameter not set"], f"the first guard names no step to run:\n{block}"
 
 
 @pytest.mark.parametrize("path", PATHS)
