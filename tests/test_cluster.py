@@ -7,6 +7,7 @@ ports and the grace period are checked against the real service.
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -23,9 +24,10 @@ import pytest
 import uvicorn
 
 import cluster_model as cm
+import node_scenarios
 from helpers import metric, note_source, run_service, uvx, wait_for
 
-MANIFESTS = ("deployment.yaml", "service.yaml", "hpa.yaml")
+MANIFESTS = ("deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml")
 # The claims must survive figures 50 % off the benchmark's, in whichever direction hurts: on its
 # shared cores the lab's metrics API read a pod's CPU up to about that much above the benchmark's.
 SAFETY = 1.5
@@ -171,13 +173,61 @@ def test_grace_period_covers_prestop_and_a_full_request(tmp_path):
     assert exit_s <= grace - pre_stop
 
 
-def test_service_health_check_and_draining():
+# kube-proxy's health check server, on every node: --healthz-bind-address's default (`kube-proxy
+# --help`, v1.36), which the EKS nodes' kube-proxy keeps; the ELB's security group may reach every port.
+KUBE_PROXY_HEALTHZ = "10256"
+
+
+def test_load_balancer_checks_kube_proxy_and_drops_a_lost_node_in_time():
     annotations = cm.manifest("service.yaml")["metadata"]["annotations"]
-    assert annotations[ELB + "healthcheck-path"] == "/healthz" and "GET" in routes()["/healthz"]
-    # The ELB checks the node port; a container port here would point it at nothing.
-    assert ELB + "healthcheck-port" not in annotations
+    hc = {k.removeprefix(ELB + "healthcheck-"): v for k, v in annotations.items() if k.startswith(ELB + "healthcheck-")}
+    # Each node's own kube-proxy, named in full: with the traffic port a check lands on a random
+    # pod, and without a port the provider's choice depends on its cloud config (TCP on the
+    # traffic port by default; kube-proxy only in its Shared health-probe mode).
+    assert (hc["protocol"], hc["port"], hc["path"]) == ("HTTP", KUBE_PROXY_HEALTHZ, "/healthz")
+    # A dead node fails each check after `timeout`, and is out of service after `unhealthy-threshold`
+    # of them `interval` apart.
+    detect = int(hc["unhealthy-threshold"]) * int(hc["interval"]) + int(hc["timeout"])
+    assert detect <= node_scenarios.DROPPED_WITHIN_S
+
+
+def test_draining_outlasts_every_keep_alive_connection():
+    """A node the load balancer deregisters keeps its open connections for the draining timeout:
+    each of them must end before, on its own (MAX_CONNECTION_AGE_SECONDS, then `Connection: close`)."""
+    annotations = cm.manifest("service.yaml")["metadata"]["annotations"]
     assert annotations[ELB + "connection-draining-enabled"] == "true"
-    assert int(annotations[ELB + "connection-draining-timeout"]) > cm.service_default("delay_seconds")
+    delay, age = cm.service_default("delay_seconds"), cm.service_default("max_connection_age_seconds")
+    keep_alive = uvicorn.Config(app=None).timeout_keep_alive
+    # Opened just before: its first answer, its age, the client's next request within uvicorn's
+    # keep-alive timeout, and that request's answer, which says `Connection: close`.
+    assert int(annotations[ELB + "connection-draining-timeout"]) >= delay + age + keep_alive + delay
+
+
+def test_a_drain_never_waits_on_the_last_pod():
+    """The PodDisruptionBudget, as the disruption controller computes it: at every replica count a
+    drain may evict one pod (at 1 replica, the only one); a budget of none stops a node upgrade."""
+    spec = cm.manifest("pdb.yaml")["spec"]
+    assert spec["selector"]["matchLabels"].items() <= DEPLOYMENT["spec"]["template"]["metadata"]["labels"].items()
+    assert spec.get("unhealthyPodEvictionPolicy") == "AlwaysAllow"  # a pod that serves nothing never blocks
+
+    def allowed(replicas: int) -> int:
+        def count(value: int | str) -> int:  # a percentage rounds up, as intstr.GetScaledValueFromIntOrPercent
+            return math.ceil(replicas * int(value[:-1]) / 100) if isinstance(value, str) else value
+        healthy_needed = count(spec["minAvailable"]) if "minAvailable" in spec else replicas - count(spec["maxUnavailable"])
+        return replicas - max(0, healthy_needed)
+
+    assert [allowed(n) for n in range(1, HPA.max_replicas + 1)] == [1] * HPA.max_replicas
+
+
+def test_pods_spread_over_zones_and_nodes_without_ever_waiting_for_room():
+    constraints = DEPLOYMENT["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in constraints} == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    labels = DEPLOYMENT["spec"]["template"]["metadata"]["labels"]
+    for c in constraints:
+        assert c["labelSelector"]["matchLabels"].items() <= labels.items() and c["maxSkew"] == 1
+        # Preferred, never required: test_max_replicas_fit_on_min_nodes counts room only, and a
+        # required spread could leave a drain's pod Pending on nodes that have room.
+        assert c["whenUnsatisfiable"] == "ScheduleAnyway"
 
 
 # The Service annotations the AWS cloud provider's legacy service controller reads (the

@@ -1,6 +1,7 @@
 """The kit on a real Kubernetes cluster: the README's deploy, the contract through the Service,
-rolling restarts under a swarm, and the demo swarm out and back on each autoscaler (hpa.yaml on
-CPU, keda-scaledobject.yaml on requests in flight), recorded and judged against the model.
+rolling restarts under a swarm, the demo swarm out and back on each autoscaler (hpa.yaml on
+CPU, keda-scaledobject.yaml on requests in flight), recorded and judged against the model, and
+nodes leaving under a swarm: a node group upgrade, a scale-in, a node lost.
 
 Runs against the cluster `KUBECONFIG` names (kind, minikube, EKS, ...) with `kubectl` on PATH, in
 a fresh namespace that Pod Security admission holds to `restricted`, deleted at the end. Settings:
@@ -18,12 +19,17 @@ a fresh namespace that Pod Security admission holds to `restricted`, deleted at 
   E2E_NAMESPACE_PREFIX     the namespace's prefix (default: math-service-e2e)
   E2E_DIAGNOSTICS          a file for the HPA, pods, events and logs, written before the
                            namespace goes (CI shows it when a test failed)
+  E2E_NODE_STOP, E2E_NODE_START, E2E_NODE_GROUP, E2E_SPARE_NODES, E2E_LB_BACKENDS
+                           how to terminate and boot the cluster's nodes, and see its load balancer
+                           (tests/tools/node_scenarios.py)
 Without a cluster that answers, or without E2E_IMAGE, the module skips with one line; without
-KEDA and Prometheus in the cluster, the in-flight demo does. How docs/'s recorded demos were made:
+KEDA and Prometheus in the cluster, the in-flight demo does; without E2E_NODE_STOP and
+E2E_NODE_START, or with fewer than two nodes in the node group, the node scenarios do. How docs/'s recorded demos were made:
 tests/tools/README.md.
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -42,6 +48,7 @@ import yaml
 
 import cluster_model as cm
 import demo_recorder as rec
+import node_scenarios as nodes
 import swarm
 from helpers import ROOT, healthy, note_source, wait_for
 
@@ -223,19 +230,20 @@ def test_rolling_restarts_under_a_swarm_lose_nothing_and_exit_0(cluster: Cluster
     locust = subprocess.Popen(swarm.command(cluster.url, ROLLOUT_USERS, 100, tmp_path / "locust"), cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=(tmp_path / "locust.log").open("w"))
     try:
-        deadline = time.monotonic() + 30  # every user's connection is open once most requests count
-        while sum((rec.pod_counters(cluster.namespace, p) or (0, 0))[1] for p in pods_now().values()) < ROLLOUT_USERS / 2:
-            assert time.monotonic() < deadline, "the swarm never got going"
-            time.sleep(1)
+        # Every user's connection is open once most of them have a request in flight.
+        wait_for(lambda: sum((rec.pod_counters(cluster.namespace, p) or (0, 0))[1] for p in pods_now().values())
+                 >= ROLLOUT_USERS / 2, "the swarm going", 30)
         before = set(pods_now())
         for _ in range(ROLLOUTS):
             kubectl("rollout", "restart", DEPLOYMENT)
             kubectl("rollout", "status", DEPLOYMENT, "--timeout=180s", timeout=190)
         replaced = before | watch.deleting
-        deadline = time.monotonic() + 60  # the last old pods finish their preStop and drain
-        while (set(pods_now()) & watch.deleting) and time.monotonic() < deadline:
-            time.sleep(1)
-        time.sleep(3)  # users last pinned to an old pod make their next request elsewhere
+        # The last old pods finish their preStop and drain; then every user has been answered
+        # once more, by the new pods: a request that failed on the way would be counted by now.
+        wait_for(lambda: not set(pods_now()) & watch.deleting, "the old pods gone", 60)
+        answered = lambda: sum((rec.pod_counters(cluster.namespace, p) or (0, 0))[0] for p in pods_now().values())  # noqa: E731
+        after = answered()
+        wait_for(lambda: answered() >= after + ROLLOUT_USERS, "every user answered by the new pods", 60)
     finally:
         locust.send_signal(signal.SIGTERM)
         locust.wait(60)
@@ -328,6 +336,57 @@ def test_demo_swarm_on_requests_in_flight_scales_out_and_back_with_no_failure(cl
     finally:
         kubectl("delete", "scaledobject", "math-service", "--ignore-not-found", check=False)
         kubectl("apply", "-f", str(ROOT / "hpa.yaml"), check=False)
+
+
+# --- Nodes leaving, behind the load balancer ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def machines(cluster: Cluster) -> nodes.Machines:
+    m = nodes.Machines.from_env()
+    if m is None:
+        pytest.skip("no way to terminate and boot nodes: set E2E_NODE_STOP and E2E_NODE_START")
+    if len(m.group) < 2:
+        pytest.skip(f"the node group has {len(m.group)} node(s): the scenarios need two")
+    return m
+
+
+def leave(name: str, cluster: Cluster, machines: nodes.Machines, config: pytest.Config) -> dict:
+    # A drain takes the pods' grace period here: 2 minutes, not EKS's 15, so a drain that a
+    # PodDisruptionBudget blocks fails the test soon.
+    r = nodes.run(name, cluster.url, machines, cluster.namespace, drain_s=120, log=lambda _: None)
+    note_source(config, f"nodes, {name}", "\n" + nodes.summary(r))
+    assert r["requests"] > 0
+    return r
+
+
+def test_node_group_upgrade_under_the_swarm_loses_nothing(cluster: Cluster, machines: nodes.Machines,
+                                                         pytestconfig) -> None:
+    """EKS's managed node update, every old node in turn, at 1 replica: the only pod moves, past
+    the PodDisruptionBudget, and no request fails."""
+    r = leave("upgrade", cluster, machines, pytestconfig)
+    assert (r["failed"], r["reasons"]) == (0, {}), nodes.summary(r)
+
+
+@pytest.mark.parametrize("name", ["scale-in", "lost"])
+def test_a_node_gone_under_the_swarm_costs_only_what_it_carried(name: str, cluster: Cluster,
+                                                               machines: nodes.Machines, pytestconfig) -> None:
+    """A node terminated while in the load balancer (a scale-in drains it first; a lost one takes
+    a pod with it): requests fail only until the load balancer has dropped it (within
+    DROPPED_WITHIN_S, and no other node with it) and, for a lost pod, until its node is NotReady
+    and the pod leaves the endpoints; the swarm then runs on with no failure."""
+    r = leave(name, cluster, machines, pytestconfig)
+    ((node, gone),) = nodes.terminated_at(r).items()
+    over = gone + nodes.DROPPED_WITHIN_S  # when the cluster cannot show its load balancer
+    if machines.backends:
+        over = nodes.lb_dropped(r).get(node, math.inf)
+        assert over - gone <= nodes.DROPPED_WITHIN_S, nodes.summary(r)
+        assert nodes.wrongly_dropped(r) == [], nodes.summary(r)
+    if name == "lost":
+        over = max(over, nodes.not_ready_at(r)[node])
+    # The samples are 2 s apart, and the load balancer's controller acts as often.
+    late = [t for t in r["failed_started"] if t > over + 5]
+    assert late == [], nodes.summary(r)
 
 
 def test_recorder_reads_quantities_and_steps_as_the_api_writes_them() -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import cluster_model as cm
 import demo_recorder as rec
+import node_scenarios as ns
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -242,6 +243,37 @@ def rollout(m: dict) -> str:
     return "\n".join(lines)
 
 
+def nodes(m: dict) -> str:
+    """tests/tools/node_scenarios.py's runs: each health check against each way a node leaves."""
+    runs = {(r["choice"], r["scenario"]): r for r in m["nodes"]}
+    lines = ["| Health check | Upgrade, 1 pod | Scale-in, 2 pods | Lost node, 2 pods | Lost node out of the load balancer "
+             "| Healthy nodes taken out | Date |", "|---|---:|---:|---:|---:|---|---|"]
+    for choice in ns.CHOICES:
+        done = {scenario: runs[choice, scenario] for scenario in ns.SCENARIOS if (choice, scenario) in runs}
+        if not done:
+            continue
+        cells = [f"{r['failed']:,} of {r['requests']:,} failed" if (r := done.get(s)) else "not run" for s in ns.SCENARIOS]
+        lost = done.get("lost", {})
+        out = "; ".join(f"{after:g} s" for after in lost.get("lb_dropped_after_s", {}).values()) or "never"
+        wrong = sorted({n for r in done.values() for n in r["wrongly_dropped"]})
+        lines.append(f"| {choice} | {' | '.join(cells)} | {out if lost else 'not run'} | {', '.join(wrong) or 'none'} "
+                     f"| {max(r['date'] for r in done.values())} |")
+    return "\n".join(lines)
+
+
+def node_costs(m: dict) -> str:
+    """The kit's row of the comparison, for the README: what each way a node leaves cost."""
+    kit = {r["scenario"]: r for r in m["nodes"] if r["choice"] == next(c for c, v in ns.CHOICES.items() if v is None)}
+    up, scale, lost = kit["upgrade"], kit["scale-in"], kit["lost"]
+    took = max(t for t, text in up["steps"] if text.startswith("terminate ")) - next(
+        t for t, text in up["steps"] if text == "swarm at full size")
+    return (f"Measured on the lab ({up['date']}; three nodes of a real Kubernetes behind a stand-in for the Classic ELB, "
+            f"never on EKS), under {ns.USERS} users: the upgrade of its {len(ns.terminated_at(up))} old nodes took {took / 60:.1f} minutes from the new "
+            f"node's start to the last termination, and {up['failed']:,} of {up['requests']:,} requests failed. For "
+            f"comparison, a scale-in cost {scale['failed']:,} of {scale['requests']:,} (what was in flight through the "
+            f"node when it went) and a node lost without warning {lost['failed']:,} of {lost['requests']:,}.")
+
+
 # --- The model and the recorded demos ----------------------------------------------------------
 
 
@@ -344,6 +376,7 @@ BLOCKS: dict[tuple[str, str], Callable[[dict], str]] = {
     ("docs/api.md", "overload"): overload,
     ("docs/operations.md", "max-in-flight"): sizing,
     ("docs/operations.md", "rollout"): rollout,
+    ("docs/operations.md", "nodes"): nodes,
 }
 
 
