@@ -4,6 +4,7 @@ text format, waiting on what can be observed, and pinned command-line tools."""
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,6 +71,12 @@ SOURCES = pytest.StashKey[dict[str, str]]()
 
 def note_source(config: pytest.Config, what: str, source: str) -> None:
     config.stash.setdefault(SOURCES, {})[what] = source
+
+
+def need(tool: str) -> str:
+    """The path of a program a test runs, or a skip that names it: a machine without it skips
+    that test, as a fresh Debian or Ubuntu does without zsh."""
+    return shutil.which(tool) or pytest.skip(f"{tool} is not on PATH: this test runs it")
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, uvx
+from helpers import ROOT, need, uvx
 
 README = (ROOT / "README.md").read_text()
 DEFAULT_REGION = "eu-west-2"
@@ -145,7 +145,8 @@ SHELLS = {
 
 
 def run(shell: str, script: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    args, stdin = (SHELLS[shell], script) if shell == "zsh" else ([*SHELLS[shell], script], None)
+    args = [need(SHELLS[shell][0]), *SHELLS[shell][1:]]  # without zsh (most Linux), a skip naming it
+    args, stdin = (args, script) if shell == "zsh" else ([*args, script], None)
     return subprocess.run(args, input=stdin, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
 
 
