@@ -74,8 +74,7 @@ def note_source(config: pytest.Config, what: str, source: str) -> None:
 
 
 def need(tool: str) -> str:
-    """The path of a program a test runs, or a skip that names it: a machine without it skips
-    that test, as a fresh Debian or Ubuntu does without zsh."""
+    """The path of a program a test runs, or a skip naming it (as Debian and Ubuntu lack zsh)."""
     return shutil.which(tool) or pytest.skip(f"{tool} is not on PATH: this test runs it")
 
 

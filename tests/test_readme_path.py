@@ -1,14 +1,7 @@
-"""The README's commands, executed: its shell blocks in README order, in bash (`-euo pipefail`)
-and pasted into zsh as macOS ships it, against stub aws, eksctl, docker, kubectl, curl, helm, uv,
-git, brew and sleep on PATH that record their arguments and answer as the real tools do (sleep
-fails, as Ctrl+C would end a refresh loop). Nothing leaves this machine.
-
-What it shows for the AWS demo: no variable is unset; the cluster is created, and deleted, in the
-chosen region; the Deployment kubectl receives carries exactly the image docker pushed; locust
-swarms the load balancer; hpa.yaml and keda-scaledobject.yaml are never applied together, and
-every HPA watched is one that exists then; the same in another region and when each block that
-restores `.demo.env` runs in a new shell that has only what the README saved. And for every block,
-pasted alone with nothing set: no tool gets an empty value, on its command line or through a pipe.
+"""The README's commands, executed in README order, in bash (`-euo pipefail`) and pasted into zsh
+as macOS ships it, against stubs on PATH (aws, eksctl, docker, kubectl, curl, helm, uv, git, brew;
+sleep fails, as Ctrl+C ends a refresh loop) that record their arguments and answer as the real
+tools do. Nothing leaves this machine. check_path and each test say what they show.
 """
 
 import re
@@ -20,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import cluster_model as cm
 from helpers import ROOT, need, uvx
 from test_e2e import deploy_block
 
@@ -32,17 +26,15 @@ FILES = ("cluster-config.yaml", "deployment.yaml", "service.yaml", "hpa.yaml", "
 KEDA_HPA = "keda-hpa-" + yaml.safe_load((ROOT / "keda-scaledobject.yaml").read_text())["metadata"]["name"]
 
 
-def bash_blocks(readme: str, headings: tuple[str, ...]) -> list[str]:
-    """The ```bash blocks (indented ones too) under the headings that start with `headings`."""
-    blocks, heading, fence, body = [], "", None, []
-    for line in readme.splitlines():
+def bash_blocks(text: str) -> list[str]:
+    """The ```bash blocks of a page, indented ones too."""
+    blocks, fence, body = [], None, []
+    for line in text.splitlines():
         if fence is None:
             if opening := re.match(r"( *)```(\w*)\s*$", line):
                 fence, lang, body = opening.group(1), opening.group(2), []
-            elif re.match(r"#{1,4} ", line):
-                heading = line
         elif line == f"{fence}```":
-            if lang == "bash" and heading.startswith(headings):
+            if lang == "bash":
                 blocks.append(textwrap.dedent("\n".join(body)) + "\n")
             fence = None
         else:
@@ -52,15 +44,8 @@ def bash_blocks(readme: str, headings: tuple[str, ...]) -> list[str]:
 
 def aws_path() -> list[str]:
     """The AWS demo's blocks, steps 1 to the teardown, in README order."""
-    return bash_blocks(README.split("\n## AWS demo\n", 1)[1].split("\n## ", 1)[0], ("",))
+    return bash_blocks(README.split("\n## AWS demo\n", 1)[1].split("\n## ", 1)[0])
 
-
-def commands(script: str) -> list[str]:
-    """Each command line of a script, continuation lines joined."""
-    return [line.strip() for line in re.sub(r"\\\n\s*", " ", script).splitlines() if line.strip()]
-
-
-# --- Stubs ------------------------------------------------------------------------------------
 
 STUB_HEAD = """#!/usr/bin/env bash
 # Stub {name}: logs its arguments, answers like the real tool.
@@ -92,13 +77,10 @@ esac
     "eksctl": """
 case "$*" in
   version) echo 0.230.0 ;;
-  "create cluster -f -") stdin > "$state/cluster.yaml" ;;
+  "create cluster -f -") stdin > "$state/cluster.yaml"; mkdir -p "$HOME/.kube"
+    echo "current-context: math-service-cluster.$(region)" > "$HOME/.kube/config"
+    echo "EKS cluster \\"math-service-cluster\\" in \\"$(region)\\" region is ready" ;;
   "delete cluster"*) echo "all cluster resources were deleted" ;;
-  *) exit 0 ;;
-esac
-case "$*" in "create cluster"*)
-  mkdir -p "$HOME/.kube"; echo "current-context: math-service-cluster.$(region)" > "$HOME/.kube/config"
-  echo "EKS cluster \\"math-service-cluster\\" in \\"$(region)\\" region is ready" ;;
 esac
 """,
     "docker": """
@@ -139,19 +121,12 @@ esac
 def install_stubs(bin_dir: Path, state: Path) -> None:
     bin_dir.mkdir()
     for name, body in STUBS.items():
-        head = STUB_HEAD.format(name=name, state=shlex.quote(str(state)))
-        (bin_dir / name).write_text(head + body.format(account=ACCOUNT, elb=ELB))
+        (bin_dir / name).write_text(STUB_HEAD.format(name=name, state=shlex.quote(str(state))) + body.format(account=ACCOUNT, elb=ELB))
         (bin_dir / name).chmod(0o755)
 
 
-# --- Running the path -------------------------------------------------------------------------
-
-SHELLS = {
-    "bash": ["bash", "-euo", "pipefail", "-c"],
-    # As a paste into Terminal on macOS: an interactive zsh, no startup files, lines from stdin.
-    "zsh": ["zsh", "-f", "-i"],
-    "bash-paste": ["bash", "--norc", "--noprofile", "-i"],  # a paste into an interactive bash
-}
+# bash as a script; zsh (as on macOS) and bash as a paste into a terminal: interactive, no startup files, lines on stdin.
+SHELLS = {"bash": ["bash", "-euo", "pipefail", "-c"], "zsh": ["zsh", "-f", "-i"], "bash-paste": ["bash", "--norc", "--noprofile", "-i"]}
 
 
 def run(shell: str, script: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -161,15 +136,12 @@ def run(shell: str, script: str, cwd: Path, env: dict) -> subprocess.CompletedPr
 
 
 def run_path(blocks: list[str], region: str, new_shell: bool, tmp: Path, shell: str = "bash") -> dict:
-    """Run the blocks; with new_shell, the block that creates the cluster and each block that
-    restores `.demo.env` start a fresh shell with only PATH and HOME, in the same directory (what
-    a new terminal has), and the blocks after it run in that shell."""
-    blocks = [b.replace(DEFAULT_REGION, region) for b in blocks]  # another region, where the README sets it
+    """Run the blocks; with new_shell, the cluster's creation and each block that restores `.demo.env`
+    start a fresh shell (only PATH and HOME, as a new terminal), which the blocks after them share."""
+    blocks = [b.replace(f"AWS_REGION={DEFAULT_REGION}", f"AWS_REGION={region}") for b in blocks]  # where the README sets it
     work, state, home = tmp / "repo", tmp / "state", tmp / "home"
-    for d in (work, state, home):
-        d.mkdir(parents=True, exist_ok=True)
-    for name in FILES:
-        (work / name).write_text((ROOT / name).read_text())
+    [d.mkdir(parents=True, exist_ok=True) for d in (work, state, home)]
+    [(work / name).write_text((ROOT / name).read_text()) for name in FILES]
     install_stubs(tmp / "bin", state)
     env = {"PATH": f"{tmp / 'bin'}:/usr/bin:/bin", "HOME": str(home)}
     parts = [""]
@@ -183,13 +155,9 @@ def run_path(blocks: list[str], region: str, new_shell: bool, tmp: Path, shell: 
         results.append(run(shell, part + "\n", work, env if results else {**env, **first}))
         if results[-1].returncode and shell == "bash":
             break
-    calls = [shlex.split(line) for line in (state / "calls").read_text().splitlines() if line] if (state / "calls").exists() else []
-    return {
-        "results": results, "calls": calls, "state": state,
-        "pushed": (state / "pushed").read_text().split() if (state / "pushed").exists() else [],
-        "cluster": yaml.safe_load((state / "cluster.yaml").read_text()) if (state / "cluster.yaml").exists() else None,
-        "empty input": (state / "empty-input").read_text() if (state / "empty-input").exists() else "",
-    }
+    read = {name: (state / name).read_text() if (state / name).exists() else "" for name in ("calls", "pushed", "cluster.yaml", "empty-input")}
+    return {"results": results, "state": state, "calls": [shlex.split(line) for line in read["calls"].splitlines()],
+            "pushed": read["pushed"].split(), "cluster": yaml.safe_load(read["cluster.yaml"]), "empty input": read["empty-input"]}
 
 
 def objects_over_time(run: dict) -> tuple[list[set[tuple[str, str]]], list[dict]]:
@@ -212,6 +180,9 @@ def objects_over_time(run: dict) -> tuple[list[set[tuple[str, str]]], list[dict]
 
 
 def check_path(run: dict, region: str, shell: str) -> None:
+    """The AWS demo as run: the cluster created and deleted in the chosen region; exactly the
+    pushed image deployed; hpa.yaml and the ScaledObject never together, each HPA watched existing
+    then; every command in this region and profile; no piped tool reading nothing."""
     log = "\n".join(f"--- exit {r.returncode}\n{r.stderr[-2000:]}" for r in run["results"])
     # The cluster is created, in the chosen region, from cluster-config.yaml otherwise unchanged.
     assert run["cluster"] is not None, f"eksctl created no cluster\n{log}"
@@ -239,10 +210,7 @@ def check_path(run: dict, region: str, shell: str) -> None:
             for _, objects in watched]
     assert all(name in names for (name, _), names in zip(watched, hpas)) and KEDA_HPA in [n for n, _ in watched], watched
     # Every call that names a region names this one; the load balancer reaches curl and locust.
-    for call in run["calls"]:
-        for i, arg in enumerate(call[:-1]):
-            if arg == "--region":
-                assert call[i + 1] == region, f"{shlex.join(call)}: not {region}"
+    assert [c for c in run["calls"] if any(a == "--region" and c[i + 1] != region for i, a in enumerate(c[:-1]))] == []
     elb = ELB.format(region=region)
     assert any(c[0] == "curl" and f"http://{elb}/" in c for c in run["calls"]), f"curl never called the ELB\n{log}"
     assert any(c[:3] == ["uv", "run", "locustfile.py"] and f"http://{elb}" in c for c in run["calls"]), "no swarm"
@@ -289,7 +257,7 @@ def test_the_build_step_again_on_the_same_commit_keeps_the_pushed_image(tmp_path
 def test_every_bash_block_pastes_into_zsh(tmp_path: Path) -> None:
     """Every block of README.md and docs/, the local ones too, as pasted into zsh one after the other."""
     pages = [README, *(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")) if p.name != "original.md")]
-    assert_pasted_cleanly(run_path([b for page in pages for b in bash_blocks(page, ("#",))], DEFAULT_REGION, False, tmp_path, "zsh"))
+    assert_pasted_cleanly(run_path([b for page in pages for b in bash_blocks(page)], DEFAULT_REGION, False, tmp_path, "zsh"))
 
 
 @pytest.mark.parametrize("shell", ["bash-paste", "zsh"])
@@ -297,7 +265,7 @@ def test_a_block_pasted_alone_into_a_new_terminal_hands_no_tool_an_empty_value(s
     """Each block on its own, pasted with nothing set and no .demo.env (a cluster in
     ~/.kube/config): its guards stop every command that would get an empty region, registry, image
     or host, as an argument or through a pipe, and the first one to stop names the step to run."""
-    for i, block in enumerate(bash_blocks(README, ("#",))):
+    for i, block in enumerate(bash_blocks(README)):
         for path, text in (("home/.kube/config", "current-context: x\n"), ("state/cluster.yaml", "  region: x\n")):
             (tmp_path / str(i) / path).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / str(i) / path).write_text(text)
@@ -308,30 +276,20 @@ def test_a_block_pasted_alone_into_a_new_terminal_hands_no_tool_an_empty_value(s
         assert guards[:1] != ["parameter not set"], f"the first guard names no step to run:\n{block}"
 
 
-def test_readme_aws_path_names_the_region_once_and_holds_no_placeholder() -> None:
-    lines = commands("\n".join(aws_path()))
-    assert [line for line in lines if DEFAULT_REGION in line] == [f"export AWS_REGION={DEFAULT_REGION}"]
-    assert [line for line in lines if re.search(r"<[A-Za-z_][\w-]*>", line)] == []
-
-
 def test_deploy_block_is_the_interface_the_e2e_suite_runs() -> None:
     """The block tests/test_e2e.py runs, and the operator's step: every manifest but the
     ScaledObject, the image only from $IMAGE (guarded), no file sourced, no namespace."""
     block = deploy_block()
     assert block in aws_path()
-    for name in ("deployment.yaml", "service.yaml", "hpa.yaml"):
-        assert name in block
+    assert all(name in block for name in ("deployment.yaml", "service.yaml", "hpa.yaml"))
     assert "${IMAGE:?" in block and not re.search(r"^\s*(\.|source)\s", block, re.M)
     assert "--namespace" not in block and " -n " not in block
 
 
 def test_demo_swarm_is_the_models_scenario() -> None:
     """Every locust swarm of the demo size runs the model's spawn rate and duration."""
-    import cluster_model as cm
-
     swarms = re.findall(r"locustfile\.py --headless -u (\d+) -r (\d+) -t (\d+)m", README)
-    demo = [(r, t) for u, r, t in swarms if int(u) == cm.DEMO_USERS]
-    assert demo and set(demo) == {(str(cm.SPAWN_RATE), str(cm.DEMO_RUN_S // 60))}, swarms
+    assert {(r, t) for u, r, t in swarms if int(u) == cm.DEMO_USERS} == {(str(cm.SPAWN_RATE), str(cm.DEMO_RUN_S // 60))}, swarms
 
 
 def test_readme_aws_path_passes_shellcheck(tmp_path: Path) -> None:
