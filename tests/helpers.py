@@ -4,6 +4,7 @@ text format, waiting on what can be observed, and pinned command-line tools."""
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,6 +71,11 @@ SOURCES = pytest.StashKey[dict[str, str]]()
 
 def note_source(config: pytest.Config, what: str, source: str) -> None:
     config.stash.setdefault(SOURCES, {})[what] = source
+
+
+def need(tool: str) -> str:
+    """The path of a program a test runs, or a skip naming it (as Debian and Ubuntu lack zsh)."""
+    return shutil.which(tool) or pytest.skip(f"{tool} is not on PATH: this test runs it")
 
 
 def free_port() -> int:

@@ -1,6 +1,10 @@
-"""The GitHub Actions workflow: valid, pinned, and running the README's test command."""
+"""How the suite runs: on a machine without the optional tools, and in the GitHub Actions
+workflow (valid, pinned, running the README's test command)."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -58,3 +62,25 @@ def test_e2e_job_runs_on_kind_with_a_load_balancer_and_metrics() -> None:
     assert "--kubelet-insecure-tls" in metrics["run"] and "kubectl wait" in metrics["run"]
     assert "kind load docker-image" in steps["Build the image and load it into kind"]["run"]
     assert steps["On failure, what the cluster saw"]["if"] == "failure()"
+
+
+
+# What a fresh Linux machine (python:3.11-slim, a stock Debian or Ubuntu) lacks, and the tests that use it.
+OPTIONAL = ("zsh", "kubectl", "docker", "podman", "eksctl", "haproxy", "wrk")
+USING_THEM = ["-k", "zsh or pasted_alone or not test_readme_path", "tests/test_readme_path.py", "tests/test_image.py",
+              "tests/test_e2e.py", "tests/test_cluster.py::test_cluster_config_valid_for_eksctl"]
+
+
+def test_a_machine_without_the_optional_tools_skips_their_tests_saying_which_is_missing(tmp_path: Path) -> None:
+    """The README's promise for a machine with nothing but uv: the tests that need zsh, a container
+    engine, eksctl or a cluster skip, each naming what is missing, and none fails."""
+    for program in (p for d in os.environ["PATH"].split(os.pathsep) if Path(d).is_dir() for p in Path(d).iterdir()):
+        if program.name not in OPTIONAL and os.access(program, os.X_OK) and not (tmp_path / program.name).exists():
+            (tmp_path / program.name).symlink_to(program)  # this PATH, less the optional programs
+    unset = ("CONTAINER_ENGINE", "KUBECONFIG", "E2E_IMAGE", "EKSCTL_SCHEMA", "PYTEST_ADDOPTS")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", *USING_THEM], cwd=ROOT, timeout=900,
+                         env={k: v for k, v in os.environ.items() if k not in unset} | {"PATH": str(tmp_path)}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
+    reasons = re.findall(r"^SKIPPED \[\d+\] \S+: (.*)$", run.stdout, re.M)
+    assert all(any(tool in reason for tool in OPTIONAL) for reason in reasons), reasons
+    assert {"zsh", "kubectl", "docker", "eksctl"} <= {tool for r in reasons for tool in OPTIONAL if tool in r}, run.stdout[-3000:]

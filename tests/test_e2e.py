@@ -60,9 +60,9 @@ HOLD_S, LONGEST_S = 90, 480
 
 
 def deploy_block() -> str:
-    """The first bash block under README step 8: the operator's deploy, run as written."""
-    section = re.search(r"^### 8\. Deploy.*?^```bash\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
-    assert section, "README has no bash block under '### 8. Deploy'"
+    """The README's bash block after its `<!-- deploy-block ... -->` marker: the operator's deploy, run as written."""
+    section = re.search(r"^<!-- deploy-block\b.*?-->\n```bash\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
+    assert section, "README has no bash block after a <!-- deploy-block --> marker"
     return section.group(1)
 
 

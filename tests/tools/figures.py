@@ -296,7 +296,7 @@ def demo_caption(t: dict, name: str) -> str:
     model = rec.model_steps(rec.model_ticks(t), run_s)
     on = "CPU (`hpa.yaml`)" if a["kind"] == "cpu" else "requests in flight (`keda-scaledobject.yaml`)"
     text = (f"*The demo swarm scaled on {on}, measured {t['date']} on a single-node Kubernetes {w['kubernetes']} "
-            f"lab with {w['cores']:g} cores (never on EKS): {rec.describe(found)}; {t['locust']['requests']:,} "
+            f"lab with {w['cores']:g} cores: {rec.describe(found)}; {t['locust']['requests']:,} "
             f"requests, {t['locust']['failures']} failures. Dashed, the model")
     text += (f" with `tests/tools/measured.json`'s CPU per request, the README's prediction: {rec.describe(model)}."
              if a["kind"] == "cpu" else f": {rec.describe(model)}.")
