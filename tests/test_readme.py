@@ -18,7 +18,8 @@ FOREIGN = {
     "RemoteDisconnected", "SyncookiesFailed", "Always", "ToBeDeletedByClusterAutoscaler", "MilliValue", "AsyncExitStack",
     "ensureLoadBalancerHealthCheck", "GetResourceUtilizationRatio", "INTERACTIVE_COMMENTS", "useCachedMetrics",
     "stableNodeSetPredicates", "limit_concurrency", "kubernetes-pods", "DELETE_FAILED", "EXTERNAL-IP", "ErrImagePull",
-    "ImagePullBackOff", "InvalidImageName", "FailedGetResourceMetric", "Unauthorized", "io.containerd.snapshotter.v1", "t4g"}
+    "ImagePullBackOff", "InvalidImageName", "FailedGetResourceMetric", "Unauthorized", "io.containerd.snapshotter.v1", "t4g",
+    "SchedulingDisabled", "PodEvictionFailure", "KEP-3836"}
 
 
 def code_blocks(lang: str, text: str = README) -> list[str]:

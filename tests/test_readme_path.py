@@ -22,7 +22,9 @@ DEFAULT_REGION = "eu-west-2"
 ACCOUNT = "4321" * 3  # what the stub's `aws sts get-caller-identity` answers
 PROFILE = "demo-operator"  # the first shell's AWS_PROFILE: every later shell must use it too
 ELB = "a0123456789abcdef0123456789abcde-1234567890.{region}.elb.amazonaws.com"
-FILES = ("cluster-config.yaml", "deployment.yaml", "service.yaml", "hpa.yaml", "keda-scaledobject.yaml", "locustfile.py")
+# The manifests the deploy applies: every one at the root but the cluster's and KEDA's alternative.
+KIT = sorted({p.name for p in ROOT.glob("*.yaml")} - {"cluster-config.yaml", "keda-scaledobject.yaml"})
+FILES = ("cluster-config.yaml", *KIT, "keda-scaledobject.yaml", "locustfile.py")
 KEDA_HPA = "keda-hpa-" + yaml.safe_load((ROOT / "keda-scaledobject.yaml").read_text())["metadata"]["name"]
 
 
@@ -199,7 +201,7 @@ def check_path(run: dict, region: str, shell: str) -> None:
     expected = yaml.safe_load((ROOT / "deployment.yaml").read_text())
     expected["spec"]["template"]["spec"]["containers"][0]["image"] = pushed
     assert all(d == expected for d in deployments), "the Deployment applied is not deployment.yaml with the pushed image"
-    for name in ("service.yaml", "hpa.yaml"):
+    for name in set(KIT) - {"deployment.yaml"}:
         assert yaml.safe_load((ROOT / name).read_text()) in applied, f"{name} was not applied"
     # hpa.yaml and KEDA's ScaledObject (which makes an HPA of its own) are never in the cluster together.
     both = {("HorizontalPodAutoscaler", "math-service-hpa"), ("ScaledObject", "math-service")}
@@ -281,7 +283,7 @@ def test_deploy_block_is_the_interface_the_e2e_suite_runs() -> None:
     ScaledObject, the image only from $IMAGE (guarded), no file sourced, no namespace."""
     block = deploy_block()
     assert block in aws_path()
-    assert all(name in block for name in ("deployment.yaml", "service.yaml", "hpa.yaml"))
+    assert all(name in block for name in KIT)
     assert "${IMAGE:?" in block and not re.search(r"^\s*(\.|source)\s", block, re.M)
     assert "--namespace" not in block and " -n " not in block
 

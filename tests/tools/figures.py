@@ -368,6 +368,7 @@ BLOCKS: dict[tuple[str, str], Callable[[dict], str]] = {
     ("README.md", "locust-summary"): locust_summary,
     ("README.md", "capacity"): lambda m: cm.capacity_table(),
     ("README.md", "measured-demos"): measured_demos,
+    ("README.md", "node-costs"): node_costs,
     ("docs/configuration.md", "scale-down"): scale_down,
     ("docs/performance.md", "benchmark"): benchmark,
     ("docs/performance.md", "memory-profile"): memory_profile,
