@@ -5,7 +5,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from typing import TypeVar
 import httpx
 import pathspec
 import pytest
+
+from benchmark import free_port  # tests/tools/, which conftest.py puts on the path
 
 ROOT = Path(__file__).resolve().parent.parent
 # README's command for the whole suite; .ci/run and the GitHub workflow run exactly this.
@@ -70,12 +71,6 @@ SOURCES = pytest.StashKey[dict[str, str]]()
 
 def note_source(config: pytest.Config, what: str, source: str) -> None:
     config.stash.setdefault(SOURCES, {})[what] = source
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 T = TypeVar("T")
