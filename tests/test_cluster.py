@@ -23,6 +23,7 @@ import pytest
 import uvicorn
 
 import cluster_model as cm
+import service
 from helpers import metric, note_source, run_service, uvx, wait_for
 
 MANIFESTS = ("deployment.yaml", "service.yaml", "hpa.yaml")
@@ -37,9 +38,7 @@ HPA, WORK = cm.repo_kit()
 
 
 def routes() -> dict[str, set[str]]:
-    import service
-
-    return {r.path: r.methods for r in service.app.routes if hasattr(r, "methods")}
+    return {r.path: r.methods for r in service.create_app(service.Settings()).routes if hasattr(r, "methods")}
 
 
 # --- Cluster config ---------------------------------------------------------------------------
