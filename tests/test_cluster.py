@@ -64,17 +64,16 @@ def test_cluster_config_valid_for_eksctl(pytestconfig):
     jsonschema.validate(CLUSTER, eksctl_schema(pytestconfig))
 
 
-def test_cluster_config_is_creatable_and_as_documented():
-    meta = CLUSTER["metadata"]
-    assert (meta["name"], meta["region"]) == ("math-service-cluster", "eu-west-2")
+def test_cluster_config_is_creatable_with_the_nodes_the_model_computes():
+    version = CLUSTER["metadata"]["version"]
     # A string (YAML would read 1.30 as 1.3), and 1.35 or newer: in EKS standard support.
-    assert isinstance(meta["version"], str)
-    assert tuple(map(int, meta["version"].split("."))) >= (1, 35)
+    assert isinstance(version, str) and tuple(map(int, version.split("."))) >= (1, 35)
+    # Managed node groups (no Auto Mode), and the metrics the HPA reads.
     assert CLUSTER["autoModeConfig"] == {"enabled": False}
     assert "metrics-server" in [a["name"] for a in CLUSTER["addons"]]
     (group,) = CLUSTER["managedNodeGroups"]
-    assert (group["name"], group["instanceType"]) == ("standard-workers", "t3.large")
-    assert (group["minSize"], group["desiredCapacity"], group["maxSize"]) == (2, 2, 3)
+    assert group["instanceType"] == cm.T3_LARGE.name  # the node every scheduling claim is computed on
+    assert group["minSize"] <= group["desiredCapacity"] <= group["maxSize"]
 
 
 # --- Kubernetes schema and policy -------------------------------------------------------------
@@ -287,10 +286,6 @@ def test_image_is_a_placeholder_without_account_id():
 # --- Scheduling -------------------------------------------------------------------------------
 
 
-def test_t3_large_allocatable():
-    assert cm.T3_LARGE.allocatable_cpu_m == 1930  # EKS AMI's kube-reserved: 70m of 2 vCPU
-
-
 def test_max_replicas_fit_on_min_nodes():
     hpa, work = HPA, WORK
     surge = DEPLOYMENT["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
@@ -318,7 +313,7 @@ def test_memory_sized_from_measurements():
 
 
 def test_max_in_flight_fits_the_memory_limit():
-    """Idle + cap x bytes per request in flight (measured by tests/overload_benchmark.py with the
+    """Idle + cap x bytes per request in flight (measured by tests/tools/overload_benchmark.py with the
     real image) stays within 80 % of the memory limit, for deployment.yaml's cap and the default."""
     overload = json.loads(cm.MEASURED.read_text())["overload"]
     idle_mib = max(overload["idle_ws_mib"], overload["intercept_mib"])
@@ -332,53 +327,6 @@ def test_max_in_flight_fits_the_memory_limit():
     assert all(step["peak_ws_share"] <= 0.85 for step in overload["steps"])
     beyond = next(i for i, s in enumerate(overload["steps"]) if s["requests"] > overload["holds_in_flight"])
     assert all(step["passed"] for step in overload["steps"][: beyond + 1])
-
-
-# --- The HPA model itself ---------------------------------------------------------------------
-
-
-def _pods(*cpu_m: float, ready_at: float = 0) -> list[cm._Pod]:
-    return [cm._Pod(0, ready_at, scrapes=[(0, 0, 0), (15, c * 15, 0)]) for c in cpu_m]
-
-
-def test_model_swarm_is_the_locustfiles():
-    """The model's users loop the locustfile's tasks with its weights and think time."""
-    import ast
-
-    tree = ast.parse((cm.ROOT / "locustfile.py").read_text())
-    user = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MathServiceUser")
-    wait = next(n.value for n in user.body if isinstance(n, ast.Assign) and n.targets[0].id == "wait_time")
-    assert sum(ast.literal_eval(a) for a in wait.args) / 2 == cm.THINK_S  # between(1, 2)
-    weights = {}
-    for task in (n for n in user.body if isinstance(n, ast.FunctionDef) and n.decorator_list):
-        (weight,) = task.decorator_list[0].args
-        call = next(n for n in ast.walk(task) if isinstance(n, ast.Call) and
-                    any(k.arg == "name" for k in n.keywords))
-        name = next(k.value.value for k in call.keywords if k.arg == "name")
-        weights[name] = weight.value
-    assert weights == cm.TASK_WEIGHTS
-
-
-def test_model_follows_the_documented_algorithm():
-    # 200m used of a 100m target doubles; 50m halves; within 0.1 of the target, nothing.
-    assert cm.desired_for_metric(_pods(200, 200), 30, "cpu", 100, 100, 2)[0] == 4
-    assert cm.desired_for_metric(_pods(50, 50, 50, 50), 30, "cpu", 100, 100, 4)[0] == 2
-    assert cm.desired_for_metric(_pods(105, 105), 30, "cpu", 100, 100, 2)[0] == 2
-    # A starting pod is set aside, not taken for idle: no scale-down while it starts.
-    assert cm.desired_for_metric(_pods(100) + _pods(0, ready_at=100), 30, "cpu", 100, 100, 2)[0] == 2
-    # Utilisation is whole percent of the summed requests; usage is rounded up to 1m.
-    assert cm.desired_for_metric(_pods(1.2), 30, "cpu", 20, 100, 1) == (1, 2)
-
-
-def test_model_stabilises_scale_down():
-    hpa, work = HPA, WORK
-    idle = cm.simulate(hpa, work, lambda t: 0, 300, start_replicas=3)
-    first_down = next(k.t for k in idle if k.replicas < 3)
-    # The first sync records the current count; lower ones wait out the window.
-    assert first_down >= hpa.down.window_s
-    no_window_hpa = replace(hpa, down=replace(hpa.down, window_s=0))
-    no_window = cm.simulate(no_window_hpa, work, lambda t: 0, 300, start_replicas=3)
-    assert next(k.t for k in no_window if k.replicas < 3) < first_down
 
 
 # --- The HPA with the measured service --------------------------------------------------------
