@@ -171,16 +171,16 @@ def image(engine: Engine) -> str:
     return TAG
 
 
-def request_inside(engine: Engine, container: str, path: str, body: bytes = b"") -> tuple[int, str]:
+def request_inside(engine: Engine, container: str, path: str, body: bytes = b"", port: int = 8000) -> tuple[int, str]:
     """An HTTP request sent from inside the container: with no network, only its lo answers."""
     script = """import sys, urllib.request as u, urllib.error as e
-r = u.Request("http://127.0.0.1:8000" + sys.argv[1], sys.argv[2].encode() or None,
+r = u.Request(f"http://127.0.0.1:{sys.argv[3]}" + sys.argv[1], sys.argv[2].encode() or None,
               {"Content-Type": "application/json"})
 try:
     with u.urlopen(r, timeout=10) as a: print(a.status, a.read().decode())
 except e.HTTPError as x: print(x.code, x.read().decode())
 except OSError: print(0)"""
-    proc = engine("exec", container, "python", "-c", script, path, body.decode(), check=False)
+    proc = engine("exec", container, "python", "-c", script, path, body.decode(), str(port), check=False)
     code, _, text = proc.stdout.strip().partition(" ")
     return int(code or 0), text
 
@@ -265,7 +265,9 @@ def memory_bytes(engine: Engine, container: str) -> tuple[int, int]:
 
 
 def test_idle_memory_is_small(engine: Engine, locked_down: str) -> None:
-    time.sleep(2)  # idle after the fixture's requests
+    # Idle: the fixture's requests answered, nothing in flight as the service counts it.
+    wait_for(lambda: "http_requests_in_flight 0.0" in request_inside(engine, locked_down, "/metrics", port=9000)[1],
+             "nothing in flight")
     working_set, anonymous = memory_bytes(engine, locked_down)
     assert anonymous <= MAX_IDLE_MEMORY
     # Even with the image's files cached, an idle pod stays well inside its memory request.
