@@ -12,10 +12,10 @@ import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 import tomllib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -295,18 +295,14 @@ def test_sigterm_drains_the_request_in_flight_and_exits_0(engine: Engine, image:
     try:
         url, metrics = ("http://" + engine("port", name, f"{port}/tcp").stdout.split()[0] for port in (8000, 9000))
         wait_for(lambda: healthy(url), f"/healthz answers: {engine('logs', name, check=False).stdout}")
-        answers: list[httpx.Response] = []
-        client = threading.Thread(target=lambda: answers.append(httpx.post(url, json={"a": 10, "b": 5}, timeout=15)))
-        client.start()
-        wait_for(lambda: "http_requests_in_flight 1.0" in httpx.get(metrics + "/metrics").text, "the POST in flight")
+        with ThreadPoolExecutor() as client:
+            answer = client.submit(httpx.post, url, json={"a": 10, "b": 5}, timeout=15)
+            wait_for(lambda: "http_requests_in_flight 1.0" in httpx.get(metrics + "/metrics").text, "the POST in flight")
+            start = time.monotonic()
+            engine("stop", "-t", str(GRACE_S), name, timeout=GRACE_S + 30)
+            stopped_after = time.monotonic() - start
 
-        start = time.monotonic()
-        engine("stop", "-t", str(GRACE_S), name, timeout=GRACE_S + 30)
-        stopped_after = time.monotonic() - start
-        client.join(10)
-
-        assert answers and answers[0].status_code == 200
-        assert answers[0].json() == {"result": 15.0}
+        assert answer.result().status_code == 200 and answer.result().json() == {"result": 15.0}
         # 137 would mean SIGKILL at the end of the grace period.
         assert engine.inspect(name)["State"]["ExitCode"] == 0
         assert stopped_after < GRACE_S

@@ -7,7 +7,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -40,27 +39,9 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def post(client: httpx.AsyncClient, **kwargs) -> tuple[httpx.Response, float]:
-    start = time.perf_counter()
-    response = await client.post("/", **kwargs)
-    return response, time.perf_counter() - start
-
-
 async def in_flight(s: Service, n: int) -> None:
     """Wait until `n` requests are inside their delay, as the service counts them."""
     await asyncio.to_thread(wait_for, lambda: s.metric("http_requests_in_flight") >= n, f"{n} in flight")
-
-
-def lines_of(s: Service, runner: str) -> list[dict]:
-    """The service's log, every line parsed as JSON (`fastapi run` adds a banner and a last blank line)."""
-    lines = s.log_lines()
-    if runner.startswith("fastapi"):
-        banner = next(i for i, line in enumerate(lines) if line.startswith("{"))
-        assert "FastAPI" in "".join(lines[:banner]) and lines[-1] == "", lines
-        lines = lines[banner:-1]
-    logs = [json.loads(line) for line in lines]
-    assert all({"timestamp", "level", "event"} <= e.keys() for e in logs), logs
-    return logs
 
 
 # --- Importing and building it -------------------------------------------------------------------
@@ -102,20 +83,24 @@ def test_every_way_of_starting_it_serves_the_same_service(tmp_path, runner: str)
 
     with run_service(tmp_path, runner=runner, MAX_IN_FLIGHT="2", MAX_BODY_BYTES="1000", DELAY_SECONDS="1") as s:
         third, status, body = asyncio.run(main(s))
+        # Chunked, so no length is declared: the limit counts the bytes as they arrive.
+        chunked = httpx.post(s.url, content=iter([b" " * 600] * 5), headers={"Content-Type": "application/json"})
         assert s.metric("http_requests_total", method="POST", route="/", status="200") == 2
         assert httpx.get(s.url + "/metrics").status_code == 404  # metrics only on their own port
         s.terminate()
     assert (third.status_code, third.json()["detail"]) == (503, "Busy: 2 requests in flight (MAX_IN_FLIGHT); retry later")
-    assert (status, json.loads(body)) == (413, {"detail": "Request body is larger than MAX_BODY_BYTES (1000 bytes)"})
+    too_large = {"detail": "Request body is larger than MAX_BODY_BYTES (1000 bytes)"}
+    assert (status, json.loads(body)) == (chunked.status_code, chunked.json()) == (413, too_large)
 
-    logs = lines_of(s, runner)
+    logs = s.logs()
+    assert all({"timestamp", "level", "event"} <= e.keys() for e in logs), logs
     events = [e["event"] for e in logs]
     assert "admission cap" in events  # the lifespan's start-up tuning ran, whichever runner started it
     # uvicorn's own lines too, from start to finish, each once.
     for first_words in ("Started server process", "Uvicorn running on", "Shutting down", "Finished server process"):
         assert len([e for e in events if e.startswith(first_words)]) == 1, (first_words, events)
     posts = [e["status"] for e in logs if e["event"] == "request" and e["path"] == "/"]
-    assert sorted(posts) == [200, 200, 413, 503]  # one access line each, uvicorn's own is off
+    assert sorted(posts) == [200, 200, 413, 413, 503]  # one access line each, uvicorn's own is off
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
@@ -148,7 +133,7 @@ def test_sigterm_under_every_runner_fails_readiness_answers_every_client_and_exi
     assert (status, headers.get("connection"), json.loads(body)) == (503, "close", {"status": "shutting down"})
     assert set(ends) == {b""}  # every connection ended by the server after its last answer
     assert code == 0
-    events = [e["event"] for e in lines_of(s, runner)]
+    events = [e["event"] for e in s.logs()]
     assert events.index("closing keep-alive connections") < events.index("Shutting down")
     assert events.index("Shutting down") < events.index("Application shutdown complete.")
     assert events.count("request") >= n + idle_n + 2
@@ -159,18 +144,15 @@ def test_sigterm_under_every_runner_fails_readiness_answers_every_client_and_exi
 
 def test_readme_curl_answers_after_the_default_delay(tmp_path) -> None:
     with run_service(tmp_path, DELAY_SECONDS=None) as s:
-        start = time.perf_counter()
         response = httpx.post(s.url, json=README_CURL, timeout=30)
-        elapsed = time.perf_counter() - start
     assert response.status_code == 200
     assert response.text == '{"result":15.0}'  # byte for byte what the README shows
-    assert 5 <= elapsed < 6
+    assert 5 <= response.elapsed.total_seconds() < 6
 
 
 @pytest.mark.anyio
 async def test_floats_and_negatives_add(client: httpx.AsyncClient) -> None:
-    response, _ = await post(client, json={"a": -1.5, "b": 0.25})
-    assert response.json() == {"result": -1.25}
+    assert (await client.post("/", json={"a": -1.5, "b": 0.25})).json() == {"result": -1.25}
 
 
 BAD_BODIES = {
@@ -206,11 +188,11 @@ BAD_BODIES = {
 @pytest.mark.parametrize("raw, field, words", BAD_BODIES.values(), ids=BAD_BODIES.keys())
 async def test_bad_input_is_a_4xx_naming_the_problem_before_the_delay(client: httpx.AsyncClient, raw: str, field: str,
                                                                       words: str) -> None:
-    response, elapsed = await post(client, content=raw, headers={"Content-Type": "application/json"})
+    response = await client.post("/", content=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == 422
     errors = response.json()["detail"]  # a JSON body, NaN or not in the input
     assert any(field in map(str, e["loc"]) and words.lower() in e["msg"].lower() for e in errors), errors
-    assert elapsed < DELAY / 2
+    assert response.elapsed.total_seconds() < DELAY / 2
 
 
 @pytest.mark.anyio
@@ -220,18 +202,18 @@ async def test_bad_input_is_a_4xx_naming_the_problem_before_the_delay(client: ht
     b'{"a": "\xff", "b": 1}',  # not UTF-8
 ], ids=["deeply nested", "5000 digits", "invalid UTF-8"])
 async def test_unparseable_body_is_a_json_400(client: httpx.AsyncClient, raw: bytes) -> None:
-    response, elapsed = await post(client, content=raw, headers={"Content-Type": "application/json"})
+    response = await client.post("/", content=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     assert response.json() == {"detail": "There was an error parsing the body"}
-    assert elapsed < DELAY / 2
+    assert response.elapsed.total_seconds() < DELAY / 2
 
 
 @pytest.mark.anyio
 async def test_body_without_json_content_type_is_a_4xx(client: httpx.AsyncClient) -> None:
-    response, elapsed = await post(client, content=json.dumps(README_CURL), headers={"Content-Type": "text/plain"})
+    response = await client.post("/", content=json.dumps(README_CURL), headers={"Content-Type": "text/plain"})
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body"]
-    assert elapsed < DELAY / 2
+    assert response.elapsed.total_seconds() < DELAY / 2
 
 
 @pytest.mark.anyio
@@ -240,26 +222,6 @@ async def test_wrong_method_and_path_are_json_4xx(client: httpx.AsyncClient) -> 
     missing = await client.post("/add", json=README_CURL)
     assert missing.status_code == 404
     assert missing.json() == {"detail": "Not Found"}
-
-
-def test_oversized_body_is_413_json_without_reading_it(tmp_path) -> None:
-    async def declared(s: Service) -> tuple[int, bytes, float]:
-        # Declares 10 GiB and sends 2 KiB: the answer cannot have waited for the body.
-        head = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 10737418240\r\n\r\n")
-        start = time.perf_counter()
-        status, _, body = await asyncio.wait_for(exchange(await connect(s.url), head + b" " * 2048), 10)
-        return status, body, time.perf_counter() - start
-
-    with run_service(tmp_path, MAX_BODY_BYTES="1000") as s:
-        status, body, elapsed = asyncio.run(declared(s))
-        assert (status, json.loads(body)) == (413, {"detail": "Request body is larger than MAX_BODY_BYTES (1000 bytes)"})
-        assert elapsed < 2
-        # Chunked, so no length is declared: the limit counts the bytes as they arrive.
-        chunked = httpx.post(s.url + "/", content=iter([b" " * 600] * 5),
-                             headers={"Content-Type": "application/json"})
-        assert chunked.status_code == 413 and "MAX_BODY_BYTES" in chunked.json()["detail"]
-        assert httpx.post(s.url + "/", json=README_CURL).status_code == 200
 
 
 def test_no_input_produces_a_5xx(tmp_path) -> None:
@@ -317,46 +279,39 @@ def test_past_max_in_flight_a_request_gets_an_immediate_json_503(tmp_path) -> No
     """Overload: 80 requests at once against MAX_IN_FLIGHT=50, each on its own connection."""
     cap, n, delay = 50, 80, 2.0
 
-    async def post_timed(client: httpx.AsyncClient, a: int) -> tuple[httpx.Response, float, int]:
-        start = time.perf_counter()
-        response = await client.post("/", json={"a": a, "b": 0.5})
-        return response, time.perf_counter() - start, a
-
-    async def main(s: Service) -> tuple[list, float, httpx.Response, float, int]:
+    async def main(s: Service) -> tuple[list[httpx.Response], float, httpx.Response, int]:
         limits = httpx.Limits(max_connections=n)
         async with httpx.AsyncClient(base_url=s.url, timeout=30, limits=limits) as client, \
                 httpx.AsyncClient(base_url=s.url, timeout=5) as probe:
-            posts = [asyncio.create_task(post_timed(client, a)) for a in range(n)]
+            posts = [asyncio.create_task(client.post("/", json={"a": a, "b": 0.5})) for a in range(n)]
             # The first answers are the rejected ones; the admitted ones are still held.
             for _, first in zip(range(n - cap), asyncio.as_completed(posts)):
                 await first
-            gauge = s.metric("http_requests_in_flight")
-            start = time.perf_counter()
-            health = await probe.get("/healthz")
-            health_s = time.perf_counter() - start
+            gauge, health = s.metric("http_requests_in_flight"), await probe.get("/healthz")
             public_metrics = (await probe.get("/metrics")).status_code
-            return await asyncio.gather(*posts), gauge, health, health_s, public_metrics
+            return await asyncio.gather(*posts), gauge, health, public_metrics
 
     with run_service(tmp_path, MAX_IN_FLIGHT=str(cap), DELAY_SECONDS=str(delay)) as s:
-        results, gauge, health, health_s, public_metrics = asyncio.run(main(s))
+        responses, gauge, health, public_metrics = asyncio.run(main(s))
         rejected_total = s.metric("http_requests_rejected_total")
         logs = s.logs()
 
-    admitted = [(r, t, a) for r, t, a in results if r.status_code == 200]
-    rejected = [(r, t) for r, t, _ in results if r.status_code != 200]
+    admitted = [r for r in responses if r.status_code == 200]
     assert len(admitted) == cap
-    assert all(r.json() == {"result": a + 0.5} and t >= delay for r, t, a in admitted)
+    assert all(r.json()["result"] == json.loads(r.request.content)["a"] + 0.5 for r in admitted)
+    assert all(r.elapsed.total_seconds() >= delay for r in admitted)
+    rejected = [r for r in responses if r.status_code != 200]
     assert len(rejected) == n - cap
-    for response, elapsed in rejected:
+    for response in rejected:
         assert response.status_code == 503
-        assert elapsed < delay / 4  # at once, not after the delay
+        assert response.elapsed.total_seconds() < delay / 4  # at once, not after the delay
         assert "MAX_IN_FLIGHT" in response.json()["detail"]
         assert int(response.headers["retry-after"]) >= 1
         assert response.headers["connection"] == "close"
     # While full: the gauge at the cap; the kubelet's probe answered at once; any other path,
     # /metrics on the public port too, refused like the rest.
     assert gauge == cap
-    assert health.status_code == 200 and health.json() == {"status": "ok"} and health_s < 0.5
+    assert health.json() == {"status": "ok"} and health.elapsed.total_seconds() < 0.5
     assert public_metrics == 503
     assert rejected_total == n - cap + 1
     logged = [e["status"] for e in logs if e["event"] == "request" and e["path"] == "/"]
