@@ -131,7 +131,6 @@ def load_settings() -> Settings:
         raise SystemExit(2) from None
 
 
-
 # --- Metrics and access log -------------------------------------------------------------------
 
 
