@@ -21,18 +21,18 @@ import gc
 import logging
 import math
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from types import FrameType
+from typing import Annotated, Literal
 
 import orjson
 import structlog
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from pydantic import (
     BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, Strict, ValidationError,
     model_validator,
@@ -40,13 +40,14 @@ from pydantic import (
 from pydantic_core import to_json
 from pydantic_settings import BaseSettings
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.server import HANDLED_SIGNALS
 
 
 # --- Settings ---------------------------------------------------------------------------------
 
 
 class Settings(BaseSettings):
-    """Read from the environment (PORT, LOGLEVEL, ...) and validated once, at start."""
+    """Read from the environment (PORT, LOGLEVEL, ...) when the service starts, and validated."""
 
     port: int = Field(8000, ge=1, le=65535)
     # Prometheus metrics, on a port of their own that the Service does not expose to the internet.
@@ -96,6 +97,10 @@ def configure_logging(level: str) -> None:
         uvicorn_logger.setLevel(logging.NOTSET)  # LOGLEVEL rules, not the command line's level
     access = logging.getLogger("uvicorn.access")
     access.handlers, access.propagate = [], False
+    # `fastapi run` builds the app before uvicorn applies its default logging config: make that a
+    # no-op, so uvicorn's lines stay JSON there too.
+    uvicorn.config.LOGGING_CONFIG.clear()
+    uvicorn.config.LOGGING_CONFIG.update(version=1, incremental=True)
     # Our own events skip the stdlib machinery: the access log runs on every request. structlog's
     # recipe for speed: orjson renders bytes, written straight to stdout's buffer.
     structlog.configure(
@@ -126,37 +131,35 @@ def load_settings() -> Settings:
         raise SystemExit(2) from None
 
 
-settings = load_settings()
-configure_logging(settings.loglevel)
-# `fastapi run` imports this module first, then sets up uvicorn's default logging: make that a
-# no-op, so uvicorn's lines stay JSON there too.
-uvicorn.config.LOGGING_CONFIG.clear()
-uvicorn.config.LOGGING_CONFIG.update(version=1, incremental=True)
-
-
 # --- Metrics and access log -------------------------------------------------------------------
 
-REQUESTS = Counter("http_requests_total", "HTTP requests answered.", ["method", "route", "status"])
-LATENCY = Histogram(
-    "http_request_duration_seconds",
-    "Time from request to the end of the response.",
-    ["method", "route"],
-    # Around the simulated 5 s operation, where the interesting tail is.
-    buckets=(0.005, 0.05, 0.25, 1, 2.5, 5, 5.1, 5.25, 5.5, 6, 7.5, 10, 30),
-)
-IN_FLIGHT = Gauge(
-    "http_requests_in_flight",
-    "Requests in flight, at most MAX_IN_FLIGHT (probes are not counted).",
-)
-REJECTED = Counter(
-    "http_requests_rejected_total", "Requests answered 503 at once: MAX_IN_FLIGHT were in flight."
-)
 
+class Metrics:
+    """The app's Prometheus metrics, in a registry of its own: served on METRICS_PORT."""
 
-@functools.lru_cache(maxsize=1024)
-def request_metrics(method: str, route: str, status: int) -> tuple[Counter, Histogram]:
-    # labels() takes a lock and builds the key on every call; a child, once made, never changes.
-    return REQUESTS.labels(method, route, status), LATENCY.labels(method, route)
+    def __init__(self, delay_seconds: float) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(REGISTRY)  # and the process's own: CPU, memory, garbage collector
+        self.requests = Counter("http_requests_total", "HTTP requests answered.",
+                                ["method", "route", "status"], registry=self.registry)
+        # Fast answers (errors, probes), then around DELAY_SECONDS, where the interesting tail is.
+        factors = (0.05, 0.2, 0.5, 1, 1.02, 1.05, 1.1, 1.2, 1.5, 2, 6)
+        around_delay = {round(delay_seconds * f, 3) for f in factors}
+        self.latency = Histogram(
+            "http_request_duration_seconds", "Time from request to the end of the response.", ["method", "route"],
+            buckets=sorted({0.005, 0.05, *around_delay} - {0}), registry=self.registry,
+        )
+        self.in_flight = Gauge("http_requests_in_flight",
+                               "Requests in flight, at most MAX_IN_FLIGHT (probes are not counted).",
+                               registry=self.registry)
+        self.rejected = Counter("http_requests_rejected_total",
+                                "Requests answered 503 at once: MAX_IN_FLIGHT were in flight.",
+                                registry=self.registry)
+        # labels() takes a lock and builds the key on every call; a child, once made, never changes.
+        self.children = functools.lru_cache(maxsize=1024)(self._children)
+
+    def _children(self, method: str, route: str, status: int) -> tuple[Counter, Histogram]:
+        return self.requests.labels(method, route, status), self.latency.labels(method, route)
 
 
 async def answer(send: Send, status: int, detail: str, *headers: tuple[bytes, bytes]) -> None:
@@ -209,11 +212,10 @@ class Edge:
     # would restart the pod and lose every request in it. They are cheap and few.
     UNCAPPED = frozenset({"/healthz", "/readyz"})
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
         self.in_flight = 0
-        IN_FLIGHT.set_function(lambda: self.in_flight)
-        self.too_large = f"Request body is larger than MAX_BODY_BYTES ({settings.max_body_bytes} bytes)"
+        metrics.in_flight.set_function(lambda: self.in_flight)
         self.ages = ConnectionAges(settings.max_connection_age_seconds)
 
     def closing(self, scope: Scope) -> bool:
@@ -221,6 +223,12 @@ class Edge:
         a response whose headers say so (httptools_impl.RequestResponseCycle.send): each client
         learns on its next answer that the connection is going, not under its next request."""
         return not scope["app"].state.ready or self.ages.expired(scope.get("client"))
+
+    async def too_large(self, send: Send) -> int:
+        """The answer to a body over MAX_BODY_BYTES, declared or counted; its status."""
+        detail = f"Request body is larger than MAX_BODY_BYTES ({self.settings.max_body_bytes} bytes)"
+        await answer(send, 413, detail)
+        return 413
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -249,25 +257,26 @@ class Edge:
                 nonlocal status, answered, received
                 message = await receive()
                 received += len(message.get("body", b""))
-                if received > settings.max_body_bytes and status == 500 and not answered:
-                    status, answered = 413, True  # before the app has sent anything
-                    await answer(send, 413, self.too_large)
+                if received > self.settings.max_body_bytes and status == 500 and not answered:
+                    answered = True  # before the app has sent anything
+                    status = await self.too_large(send)
                     return {"type": "http.disconnect"}  # so the app stops: its client is gone
                 return message
 
         try:
+            settings = self.settings
             if capped and self.in_flight >= settings.max_in_flight:
                 # Past the cap the OOM killer would end the pod and every request in it; a
                 # rejected request costs almost nothing: its body is never read.
-                REJECTED.inc()
+                self.metrics.rejected.inc()
                 # A slot frees as soon as a request in flight ends, within one DELAY_SECONDS.
                 retry_after = b"%d" % max(1, math.ceil(settings.delay_seconds))
                 detail = f"Busy: {settings.max_in_flight} requests in flight (MAX_IN_FLIGHT); retry later"
                 status = 503
                 return await answer(send, 503, detail, (b"retry-after", retry_after))
             if length.isdigit() and int(length) > settings.max_body_bytes:  # answered unread
-                status = 413
-                return await answer(send, 413, self.too_large)
+                status = await self.too_large(send)
+                return
             self.in_flight += capped
             try:
                 # A declared length is the most uvicorn delivers: it was checked above.
@@ -278,7 +287,7 @@ class Edge:
             duration = time.perf_counter() - start
             # The route template, never the raw path, keeps metric labels bounded.
             route = getattr(scope.get("route"), "path", "unmatched")
-            requests, latency = request_metrics(scope["method"], route, status)
+            requests, latency = self.metrics.children(scope["method"], route, status)
             requests.inc()
             latency.observe(duration)
             client = scope["client"][0] if scope.get("client") else None
@@ -286,7 +295,7 @@ class Edge:
                         duration_ms=round(duration * 1000, 3), client=client)
 
 
-# --- App --------------------------------------------------------------------------------------
+# --- Requests and answers ---------------------------------------------------------------------
 
 
 class AddRequest(BaseModel):
@@ -310,12 +319,22 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
+async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+    # Like FastAPI's default handler, but JSON has no NaN or Infinity: echoing {"a": NaN} back
+    # with the standard encoder fails, and a client error would become a 500. pydantic writes
+    # them as the strings "NaN" and "Infinity", and an error's context as its message.
+    body = to_json({"detail": exc.errors()}, inf_nan_mode="strings", serialize_unknown=True)
+    return Response(body, status_code=422, media_type="application/json")
+
+
+# --- Start-up and shutdown, under whichever server runs the app -------------------------------
+
 # Open sockets besides the requests in flight: a whole listen backlog accepted before any answer,
 # plus stdio, listeners, the event loop and probes (docs/operations.md, "Settings").
 FD_RESERVE = 4096 + 1024
 
 
-def fit_open_file_limit() -> None:
+def fit_open_file_limit(settings: Settings) -> None:
     """Raise the soft open-file limit to the hard one; lower the cap if it still does not fit.
 
     Each request in flight holds one socket: a cap above the open-file limit would turn a burst
@@ -341,111 +360,138 @@ def fit_open_file_limit() -> None:
     settings.max_in_flight = min(settings.max_in_flight, fits)
 
 
+def drain_on_signal(app: FastAPI) -> None:
+    """On SIGTERM (or Ctrl+C): fail readiness, stop accepting, and let each open connection end
+    itself before uvicorn's own shutdown, which closes idle keep-alive connections at once under
+    a client about to send. Each ends after its next answer, which `Edge` marks
+    `Connection: close`, or at uvicorn's keep-alive timeout.
+
+    uvicorn's command lines give an app no handle on their server but one: the signal handler
+    that `Server.capture_signals` installs before the lifespan starts.
+    """
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    if not isinstance(server, uvicorn.Server):  # another server, or a test client: no signals
+        return
+    loop = asyncio.get_running_loop()
+
+    async def drain() -> None:
+        for listener in getattr(server, "servers", []):  # none yet if uvicorn has not bound them
+            listener.close()
+        logger.info("closing keep-alive connections", open=len(server.server_state.connections))
+        deadline = loop.time() + server.config.timeout_keep_alive + 1
+        while server.server_state.connections and loop.time() < deadline and not server.should_exit:
+            await asyncio.sleep(0.1)
+        # uvicorn's shutdown drains the rest: requests in flight, and connections that never sent
+        # one (they have no timer). Not through its handle_exit, which would re-raise the signal
+        # at the end: a drained shutdown exits 0.
+        server.should_exit = True
+
+    def handle_exit(sig: int, frame: FrameType | None) -> None:
+        if not app.state.ready:  # a second signal: uvicorn's own shutdown, at once
+            return server.handle_exit(sig, frame)
+        app.state.ready = False
+        asyncio.run_coroutine_threadsafe(drain(), loop)
+
+    for sig in HANDLED_SIGNALS:
+        signal.signal(sig, handle_exit)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start-up that holds whichever server runs the app (`python service.py`, uvicorn's or
-    FastAPI's command line)."""
-    fit_open_file_limit()
-    metrics_server, _ = start_http_server(settings.metrics_port)
+    """What runs beside the requests, whichever server runs the app."""
+    settings = app.state.settings
+    fit_open_file_limit(settings)
+    metrics_server, _ = start_http_server(settings.metrics_port, registry=app.state.metrics.registry)
     # Requests leave no cyclic garbage, but thousands in flight make every collector pass walk
     # them all: freeze what start-up built, and collect young objects less often.
     gc.freeze()
     gc.set_threshold(50_000)
-    app.state.ready = True
+    drain_on_signal(app)
     yield
     metrics_server.shutdown()
     metrics_server.server_close()
 
 
-app = FastAPI(
-    title="Simple Math API",
-    description="A simple API to perform basic arithmetic operations",
-    version="1.0.0",
-    lifespan=lifespan,
-    # FastAPI's built-in OpenTelemetry checks for providers on every request; this image ships
-    # no OpenTelemetry SDK (metrics are Prometheus, logs are the JSON lines above).
-    telemetry={"tracing": False, "metrics": False, "logs": False},
-)
-app.add_middleware(Edge)
-app.state.ready = True
+# --- The app ----------------------------------------------------------------------------------
 
 
-@app.exception_handler(RequestValidationError)
-async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-    # Like FastAPI's default handler, but JSON has no NaN or Infinity: echoing {"a": NaN} back
-    # with the standard encoder fails, and a client error would become a 500. pydantic writes
-    # them as the strings "NaN" and "Infinity", and an error's context as its message.
-    body = to_json({"detail": exc.errors()}, inf_nan_mode="strings", serialize_unknown=True)
-    return Response(body, status_code=422, media_type="application/json")
+def create_app(settings: Settings) -> FastAPI:
+    """The service, built and not started: its lifespan starts what runs beside the requests."""
+    app = FastAPI(
+        title="Simple Math API",
+        description="A simple API to perform basic arithmetic operations",
+        version="1.0.0",
+        lifespan=lifespan,
+        exception_handlers={RequestValidationError: validation_error},
+        # FastAPI's built-in OpenTelemetry checks for providers on every request; this image ships
+        # no OpenTelemetry SDK (metrics are Prometheus, logs are the JSON lines above).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
+    app.state.settings, app.state.metrics, app.state.ready = settings, Metrics(settings.delay_seconds), True
+    app.add_middleware(Edge, settings=settings, metrics=app.state.metrics)
 
+    @app.get("/healthz")
+    async def health_check() -> dict[str, str]:
+        """Liveness: the process answers. Never delayed."""
+        return {"status": "ok"}
 
-@app.get("/healthz")
-async def health_check() -> dict[str, str]:
-    """Liveness: the process answers. Never delayed."""
-    return {"status": "ok"}
+    @app.get("/readyz", responses={503: {"description": "Shutting down"}})
+    async def ready_check(request: Request, response: Response) -> dict[str, str]:
+        """Readiness: 200 while serving, 503 once shutdown has begun."""
+        if not request.app.state.ready:
+            response.status_code = 503
+            return {"status": "shutting down"}
+        return {"status": "ready"}
 
-
-@app.get("/readyz", responses={503: {"description": "Shutting down"}})
-async def ready_check(response: Response) -> dict[str, str]:
-    """Readiness: 200 while serving, 503 once shutdown has begun."""
-    if not app.state.ready:
-        response.status_code = 503
-        return {"status": "shutting down"}
-    return {"status": "ready"}
-
-
-@app.post(
-    "/",
-    responses={
-        413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
-        503: {
-            "model": ErrorResponse, "description": "MAX_IN_FLIGHT in flight: answered at once, body unread",
-            "headers": {"Retry-After": {"description": "Seconds", "schema": {"type": "integer"}}},
+    @app.post(
+        "/",
+        responses={
+            413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
+            503: {
+                "model": ErrorResponse, "description": "MAX_IN_FLIGHT in flight: answered at once, body unread",
+                "headers": {"Retry-After": {"description": "Seconds", "schema": {"type": "integer"}}},
+            },
         },
-    },
-)
-async def add_numbers(request: AddRequest) -> AddResponse:
-    """Add a and b after DELAY_SECONDS of simulated work."""
-    result = request.a + request.b
-    await asyncio.sleep(settings.delay_seconds)  # simulate a longish-running operation
-    return AddResponse(result=result)
+    )
+    async def add_numbers(numbers: AddRequest) -> AddResponse:
+        """Add a and b after DELAY_SECONDS of simulated work."""
+        result = numbers.a + numbers.b
+        await asyncio.sleep(settings.delay_seconds)  # simulate a longish-running operation
+        return AddResponse(result=result)
+
+    return app
 
 
-# --- Entry point: `python service.py`, as the image runs it ---------------------------------
+# --- Running it: `python service.py` (the image), `uvicorn service:app`, `fastapi run service.py`
 
 
-class Server(uvicorn.Server):
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        # SIGTERM: fail readiness at once; uvicorn then stops accepting and lets every
-        # in-flight request finish (no graceful-shutdown timeout: the pod's grace period rules).
-        app.state.ready = False
-        super().handle_exit(sig, frame)
+def app_from_environment() -> FastAPI:
+    """The service as a runner starts it: settings from the environment (an invalid one exits 2)
+    and the whole process logging JSON."""
+    settings = load_settings()
+    configure_logging(settings.loglevel)
+    return create_app(settings)
 
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        # uvicorn's own shutdown closes every idle keep-alive connection at once, and a client
-        # sending its next request in that instant gets no answer. So first only stop accepting,
-        # and let each connection end itself: after its next response (Edge.closing) or at
-        # uvicorn's keep-alive timeout. uvicorn's shutdown then drains the rest: requests in
-        # flight, and connections that never sent one (they have no timer).
-        for server in self.servers:
-            server.close()
-        deadline = time.monotonic() + self.config.timeout_keep_alive + 1
-        logger.info("closing keep-alive connections", open=len(self.server_state.connections))
-        while self.server_state.connections and time.monotonic() < deadline and not self.force_exit:
-            await asyncio.sleep(0.1)
-        await super().shutdown(sockets)
+
+def __getattr__(name: str) -> FastAPI:
+    # `service:app` is built when a runner first asks for it: importing the module starts nothing.
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    global app
+    app = app_from_environment()
+    return app
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "app"})  # `fastapi run` looks for the app in dir(service)
 
 
 if __name__ == "__main__":
-    # uvicorn re-raises the signal once it has drained, which would end the process as "killed
-    # by SIGTERM" (143) and print a KeyboardInterrupt traceback on Ctrl+C. A drained shutdown
-    # is a success: exit 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: sys.exit(0))
-    config = uvicorn.Config(
+    app = app_from_environment()
+    uvicorn.run(
         app,
         host="0.0.0.0",
-        port=settings.port,
+        port=app.state.settings.port,
         loop="uvloop" if sys.platform != "win32" else "auto",
         http="httptools",
         log_config=None,  # keep the JSON logging configured above
@@ -458,4 +504,3 @@ if __name__ == "__main__":
         # (docs/operations.md, "Starting it").
         backlog=4096,
     )
-    Server(config).run()

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, SOURCES, Service, run_service
+# `import service`, and the model, the recorder and the tools the tests use (tests/tools/).
+sys.path[:0] = [str(Path(__file__).parent.parent), str(Path(__file__).parent / "tools")]
 
-# `import service`, and the model and the recorder the tests check (tests/tools/).
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "tools")]
+from helpers import SOURCES, Service, run_service  # noqa: E402
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from typing import TypeVar
 import httpx
 import pathspec
 import pytest
+
+from benchmark import free_port  # tests/tools/, which conftest.py puts on the path
 
 ROOT = Path(__file__).resolve().parent.parent
 # README's command for the whole suite; .ci/run and the GitHub workflow run exactly this.
@@ -78,12 +79,6 @@ def need(tool: str) -> str:
     return shutil.which(tool) or pytest.skip(f"{tool} is not on PATH: this test runs it")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 T = TypeVar("T")
 
 
@@ -128,16 +123,18 @@ class Service:
     url: str
     metrics_url: str
     log_path: Path
+    runner: str
 
     def log_lines(self) -> list[str]:
-        return self.log_path.read_text().splitlines()
+        lines = self.log_path.read_text().splitlines()
+        if self.runner.startswith("fastapi"):  # its own banner first, and a blank line when it ends
+            lines = lines[next((i for i, line in enumerate(lines) if line.startswith("{")), 0):]
+            lines = lines[:-1] if lines[-1:] == [""] else lines
+        return lines
 
     def logs(self) -> list[dict]:
         """Every line parsed as JSON: a line that is not JSON fails the calling test."""
         return [json.loads(line) for line in self.log_lines()]
-
-    def logged(self, event: str) -> bool:
-        return any(f'"event":"{event}"' in line for line in self.log_lines())
 
     def metric(self, name: str, **labels: str) -> float:
         return metric(httpx.get(self.metrics_url, timeout=5).text, name, **labels)
@@ -159,7 +156,7 @@ def run_service(tmp_path: Path, wait: bool = True, runner: str = "python service
     with log_path.open("w") as log:
         proc = subprocess.Popen([arg.format(port=port) for arg in RUNNERS[runner]], cwd=ROOT,
                                 env=full_env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
-    service = Service(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", log_path)
+    service = Service(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", log_path, runner)
 
     def started() -> bool:
         assert proc.poll() is None, f"service exited {proc.returncode}:\n{log_path.read_text()}"

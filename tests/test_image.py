@@ -12,10 +12,10 @@ import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 import tomllib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -171,16 +171,16 @@ def image(engine: Engine) -> str:
     return TAG
 
 
-def request_inside(engine: Engine, container: str, path: str, body: bytes = b"") -> tuple[int, str]:
+def request_inside(engine: Engine, container: str, path: str, body: bytes = b"", port: int = 8000) -> tuple[int, str]:
     """An HTTP request sent from inside the container: with no network, only its lo answers."""
     script = """import sys, urllib.request as u, urllib.error as e
-r = u.Request("http://127.0.0.1:8000" + sys.argv[1], sys.argv[2].encode() or None,
+r = u.Request(f"http://127.0.0.1:{sys.argv[3]}" + sys.argv[1], sys.argv[2].encode() or None,
               {"Content-Type": "application/json"})
 try:
     with u.urlopen(r, timeout=10) as a: print(a.status, a.read().decode())
 except e.HTTPError as x: print(x.code, x.read().decode())
 except OSError: print(0)"""
-    proc = engine("exec", container, "python", "-c", script, path, body.decode(), check=False)
+    proc = engine("exec", container, "python", "-c", script, path, body.decode(), str(port), check=False)
     code, _, text = proc.stdout.strip().partition(" ")
     return int(code or 0), text
 
@@ -265,7 +265,9 @@ def memory_bytes(engine: Engine, container: str) -> tuple[int, int]:
 
 
 def test_idle_memory_is_small(engine: Engine, locked_down: str) -> None:
-    time.sleep(2)  # idle after the fixture's requests
+    # Idle: the fixture's requests answered, nothing in flight as the service counts it.
+    wait_for(lambda: "http_requests_in_flight 0.0" in request_inside(engine, locked_down, "/metrics", port=9000)[1],
+             "nothing in flight")
     working_set, anonymous = memory_bytes(engine, locked_down)
     assert anonymous <= MAX_IDLE_MEMORY
     # Even with the image's files cached, an idle pod stays well inside its memory request.
@@ -293,18 +295,14 @@ def test_sigterm_drains_the_request_in_flight_and_exits_0(engine: Engine, image:
     try:
         url, metrics = ("http://" + engine("port", name, f"{port}/tcp").stdout.split()[0] for port in (8000, 9000))
         wait_for(lambda: healthy(url), f"/healthz answers: {engine('logs', name, check=False).stdout}")
-        answers: list[httpx.Response] = []
-        client = threading.Thread(target=lambda: answers.append(httpx.post(url, json={"a": 10, "b": 5}, timeout=15)))
-        client.start()
-        wait_for(lambda: "http_requests_in_flight 1.0" in httpx.get(metrics + "/metrics").text, "the POST in flight")
+        with ThreadPoolExecutor() as client:
+            answer = client.submit(httpx.post, url, json={"a": 10, "b": 5}, timeout=15)
+            wait_for(lambda: "http_requests_in_flight 1.0" in httpx.get(metrics + "/metrics").text, "the POST in flight")
+            start = time.monotonic()
+            engine("stop", "-t", str(GRACE_S), name, timeout=GRACE_S + 30)
+            stopped_after = time.monotonic() - start
 
-        start = time.monotonic()
-        engine("stop", "-t", str(GRACE_S), name, timeout=GRACE_S + 30)
-        stopped_after = time.monotonic() - start
-        client.join(10)
-
-        assert answers and answers[0].status_code == 200
-        assert answers[0].json() == {"result": 15.0}
+        assert answer.result().status_code == 200 and answer.result().json() == {"result": 15.0}
         # 137 would mean SIGKILL at the end of the grace period.
         assert engine.inspect(name)["State"]["ExitCode"] == 0
         assert stopped_after < GRACE_S

@@ -50,7 +50,7 @@ def timeline(swarm: str, kind: str) -> dict | None:
 
 # --- The benchmark: service.py, FastAPI alone and the floor ------------------------------------
 
-# Issue 17's targets for service.py: (limit, relative to the floor?)
+# The performance targets for service.py (docs/performance.md): (limit, relative to the floor?)
 TARGETS = {
     "cpu_us_per_request": (3.5, True),
     "kb_per_in_flight": (16.0, False),

@@ -48,6 +48,7 @@ import yaml
 
 import figures
 import swarm
+from benchmark import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MEASURED = Path(__file__).resolve().parent / "measured.json"
@@ -68,12 +69,6 @@ def termination_sequence(deployment: dict) -> tuple[float, float]:
     pod = deployment["spec"]["template"]["spec"]
     prestop = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
     return float(prestop), float(pod["terminationGracePeriodSeconds"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_status(port: int, path: str) -> int | None:
