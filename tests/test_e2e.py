@@ -387,11 +387,3 @@ def test_a_node_gone_under_the_swarm_costs_only_what_it_carried(name: str, clust
     # The samples are 2 s apart, and the load balancer's controller acts as often.
     late = [t for t in r["failed_started"] if t > over + 5]
     assert late == [], nodes.summary(r)
-
-
-def test_recorder_reads_quantities_and_steps_as_the_api_writes_them() -> None:
-    read = [rec.quantity(q) for q in ("2500000n", "2500u", "3m", "1", "377")]
-    assert read == pytest.approx([0.0025, 0.0025, 0.003, 1.0, 377.0])
-    samples = [{"t": t, "desired": d} for t, d in ((0, None), (5, 1), (35, 3), (50, 5), (310, 5), (400, 1))]
-    found = rec.steps({"samples": samples, "scenario": {"run_s": 300}, "autoscaler": {"min": 1}})
-    assert (found.reached, found.peak, found.back_s) == ([(35, 3), (50, 5)], 5, 100)

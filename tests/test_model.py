@@ -4,7 +4,10 @@ the HPA controller's rules, and the swarm it replays."""
 import ast
 from dataclasses import replace
 
+import pytest
+
 import cluster_model as cm
+import demo_recorder
 
 
 def _pods(*cpu_m: float, ready_at: float = 0) -> list[cm._Pod]:
@@ -47,3 +50,11 @@ def test_model_stabilises_scale_down():
     no_window_hpa = replace(hpa, down=replace(hpa.down, window_s=0))
     no_window = cm.simulate(no_window_hpa, work, lambda t: 0, 300, start_replicas=3)
     assert next(k.t for k in no_window if k.replicas < 3) < first_down
+
+
+def test_recorder_reads_quantities_and_steps_as_the_api_writes_them() -> None:
+    read = [demo_recorder.quantity(q) for q in ("2500000n", "2500u", "3m", "1", "377")]
+    assert read == pytest.approx([0.0025, 0.0025, 0.003, 1.0, 377.0])
+    samples = [{"t": t, "desired": d} for t, d in ((0, None), (5, 1), (35, 3), (50, 5), (310, 5), (400, 1))]
+    found = demo_recorder.steps({"samples": samples, "scenario": {"run_s": 300}, "autoscaler": {"min": 1}})
+    assert (found.reached, found.peak, found.back_s) == ([(35, 3), (50, 5)], 5, 100)
