@@ -211,15 +211,20 @@ def test_a_drain_never_waits_on_the_last_pod():
     assert [allowed(n) for n in range(1, HPA.max_replicas + 1)] == [1] * HPA.max_replicas
 
 
-def test_pods_spread_over_zones_and_nodes_without_ever_waiting_for_room():
-    constraints = DEPLOYMENT["spec"]["template"]["spec"]["topologySpreadConstraints"]
-    assert {c["topologyKey"] for c in constraints} == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+def test_pods_spread_over_nodes_and_zones_without_waiting_on_a_node_that_is_going():
+    constraints = {c["topologyKey"]: c for c in DEPLOYMENT["spec"]["template"]["spec"]["topologySpreadConstraints"]}
     labels = DEPLOYMENT["spec"]["template"]["metadata"]["labels"]
-    for c in constraints:
-        assert c["labelSelector"]["matchLabels"].items() <= labels.items() and c["maxSkew"] == 1
-        # Preferred, never required: test_max_replicas_fit_on_min_nodes counts room only, and a
-        # required spread could leave a drain's pod Pending on nodes that have room.
-        assert c["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert all(c["labelSelector"]["matchLabels"].items() <= labels.items() and c["maxSkew"] == 1 for c in constraints.values())
+    # Over nodes, required, counting only nodes that take pods: a cordoned or NotReady node (tainted)
+    # holds no pod back. Over zones, preferred: a zone may have one node, or none left.
+    hosts, zones = constraints["kubernetes.io/hostname"], constraints["topology.kubernetes.io/zone"]
+    assert (hosts["whenUnsatisfiable"], hosts["nodeTaintsPolicy"]) == ("DoNotSchedule", "Honor")
+    assert zones["whenUnsatisfiable"] == "ScheduleAnyway"
+    # An even split still holds every replica and a rollout's extra pod: the node with the least
+    # room (all the movable system pods on it) times the nodes.
+    nodes = CLUSTER["managedNodeGroups"][0]["minSize"]
+    surge = DEPLOYMENT["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    assert nodes * cm.app_pods_that_fit(WORK.requests, 1) >= HPA.max_replicas + surge
 
 
 # The Service annotations the AWS cloud provider's legacy service controller reads (the

@@ -280,6 +280,11 @@ def pinned(replicas: int) -> Iterator[None]:
 
     bounds(replicas, replicas)
     try:
+        wait(lambda: sum(p["ready"] and not p["deleting"] for p in pods_now().values()) == replicas,
+             f"{replicas} pods Ready", 180)
+        if not spread():  # pods stay where they run: a rolling restart places them anew, losing nothing
+            kubectl("rollout", "restart", f"deployment/{DEPLOYMENT}")
+            kubectl("rollout", "status", f"deployment/{DEPLOYMENT}", "--timeout=180s", timeout=190)
         wait(spread, f"{replicas} pods Ready on {replicas} nodes", 180)
         yield
     finally:
