@@ -6,7 +6,6 @@
 #   "uvloop==0.23.0; sys_platform != 'win32'",
 #   "httptools==0.9.0",
 #   "pydantic==2.14.4",
-#   "pydantic-settings==2.16.3",
 #   "structlog==26.1.0",
 #   "prometheus-client==0.26.0",
 #   "orjson==3.13.0",
@@ -20,6 +19,7 @@ import functools
 import gc
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -38,7 +38,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import to_json
-from pydantic_settings import BaseSettings
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.server import HANDLED_SIGNALS
 
@@ -46,7 +45,7 @@ from uvicorn.server import HANDLED_SIGNALS
 # --- Settings ---------------------------------------------------------------------------------
 
 
-class Settings(BaseSettings):
+class Settings(BaseModel):
     """Read from the environment (PORT, LOGLEVEL, ...) when the service starts, and validated."""
 
     port: int = Field(8000, ge=1, le=65535)
@@ -120,7 +119,9 @@ logger = structlog.get_logger("math_service")
 
 def load_settings() -> Settings:
     try:
-        return Settings()
+        return Settings.model_validate(
+            {name: os.environ[name.upper()] for name in Settings.model_fields if name.upper() in os.environ}
+        )
     except ValidationError as exc:
         configure_logging("INFO")
         logger.error(
